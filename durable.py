@@ -1,0 +1,1191 @@
+"""durable.py: durable execution for Python services, in one file.
+
+One file, standard library only, Python 3.11 or newer. Copy it into your project.
+
+A *workflow* is a function whose steps are checkpointed, one by one, in a SQLite
+file in WAL mode (the journal). A step that raises is retried with backoff; a step
+that finished never runs again; the same workflow id submitted twice runs once; and
+after the process is killed, the next start resumes every unfinished workflow from
+its first unfinished step. No server, no broker.
+
+    from durable import Durable
+
+    dur = Durable("orders.db")
+
+    @dur.register
+    def process_order(ctx, order):
+        yield ctx.run(reserve_stock, order)
+        charge_id = yield ctx.run(charge_card, order, f"{ctx.id}/charge")
+        return {"orderId": order["id"], "chargeId": charge_id}
+
+    async with dur:                               # opens, resumes unfinished work
+        handle = await dur.run("order/42", process_order, order)
+        print(await handle.result())
+
+A step's body runs at least once; its result is recorded exactly once. A step with
+an outside effect passes a stable key (like ``f"{ctx.id}/charge"``) to the outside
+system, so a re-run after a crash does not repeat the effect.
+
+SPDX-License-Identifier: MIT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import queue
+import random
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar, overload
+
+__version__ = "0.1.0"
+__all__ = [
+    "Context",
+    "Durable",
+    "DurableError",
+    "Handle",
+    "IdempotencyConflict",
+    "InvalidInput",
+    "JournalError",
+    "NonDeterminismError",
+    "NotFound",
+    "Permanent",
+    "RetryPolicy",
+    "Status",
+    "StepFailed",
+    "StepRecord",
+    "WorkflowCancelled",
+    "WorkflowFailed",
+]
+
+_log = logging.getLogger("durable")
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# CONSTANTS AND SQL.
+
+_APPLICATION_ID = 0x44757261  # "Dura" in the SQLite file header: this file is a journal.
+_MAX_ID_LENGTH = 255
+_MAX_BATCH = 1024  # most writes committed together in one transaction
+_UNFINISHED = ("pending", "running")
+_FINISHED = ("done", "failed", "cancelled")
+
+State = Literal["pending", "running", "done", "failed", "cancelled"]
+StepState = Literal["running", "done", "failed"]
+
+# Each entry is one schema version; entry i takes a journal from version i to i + 1.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE workflows (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            input       TEXT NOT NULL,
+            input_hash  TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            result      TEXT,
+            error       TEXT,
+            owner       TEXT,
+            lease_until REAL,
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL,
+            finished_at REAL
+        )""",
+        """CREATE INDEX workflows_unfinished ON workflows (state)
+            WHERE state IN ('pending', 'running')""",
+        """CREATE TABLE steps (
+            workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
+            seq         INTEGER NOT NULL,
+            name        TEXT NOT NULL,
+            state       TEXT NOT NULL,
+            attempts    INTEGER NOT NULL,
+            result      TEXT,
+            error       TEXT,
+            started_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL,
+            finished_at REAL,
+            PRIMARY KEY (workflow_id, seq)
+        ) WITHOUT ROWID""",
+    ),
+)
+
+_INSERT_WORKFLOW = """
+    INSERT INTO workflows (id, name, input, input_hash, state, owner, created_at, updated_at)
+    VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
+    ON CONFLICT (id) DO NOTHING"""
+_SELECT_IDENTITY = "SELECT name, input_hash FROM workflows WHERE id = ?"
+# Fencing: every checkpoint starts with this; it matches only while the writer owns
+# the workflow and the workflow is unfinished.
+_TOUCH_WORKFLOW = """
+    UPDATE workflows SET state = 'running', updated_at = ?
+    WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
+_BEGIN_ATTEMPT = """
+    INSERT INTO steps (workflow_id, seq, name, state, attempts, error, started_at, updated_at)
+    VALUES (?, ?, ?, 'running', ?, ?, ?, ?)
+    ON CONFLICT (workflow_id, seq) DO UPDATE SET
+        state = 'running', attempts = excluded.attempts, error = excluded.error,
+        updated_at = excluded.updated_at"""
+_FINISH_STEP = """
+    UPDATE steps SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
+    WHERE workflow_id = ? AND seq = ?"""
+_FINISH_WORKFLOW = """
+    UPDATE workflows SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
+    WHERE id = ?"""
+_SELECT_WORKFLOW = """
+    SELECT id, name, state, result, error, created_at, updated_at, finished_at
+    FROM workflows WHERE id = ?"""
+_SELECT_STEPS = """
+    SELECT seq, name, state, attempts, result, error, started_at, updated_at, finished_at
+    FROM steps WHERE workflow_id = ? ORDER BY seq"""
+_SELECT_OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
+_SELECT_UNFINISHED = """
+    SELECT id, name, owner FROM workflows WHERE state IN ('pending', 'running')"""
+_CLAIM = """
+    UPDATE workflows SET owner = ?, updated_at = ?
+    WHERE id = ? AND owner IS ? AND state IN ('pending', 'running')"""
+_SELECT_OWNED = """
+    SELECT id, name, input FROM workflows
+    WHERE owner = ? AND state IN ('pending', 'running')"""
+_SELECT_OWNED_STEPS = """
+    SELECT s.workflow_id, s.seq, s.name, s.state, s.attempts, s.result, s.error
+    FROM steps s JOIN workflows w ON w.id = s.workflow_id
+    WHERE w.owner = ? AND w.state IN ('pending', 'running')"""
+_RELEASE = """
+    UPDATE workflows SET owner = NULL
+    WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
+
+# ERRORS.
+
+
+class DurableError(Exception):
+    """Root of every error durable.py raises."""
+
+
+class JournalError(DurableError):
+    """The journal file cannot be used: not a journal, a newer schema, or a failed write."""
+
+
+class InvalidInput(DurableError, ValueError):
+    """A call was given something it cannot accept; nothing was written."""
+
+
+class NotFound(DurableError, LookupError):
+    """No workflow has this id."""
+
+
+class IdempotencyConflict(DurableError):
+    """The id is taken by a workflow with another function or other arguments."""
+
+
+class NonDeterminismError(DurableError):
+    """The workflow's code no longer matches its journal."""
+
+
+class WorkflowCancelled(DurableError):
+    """The workflow was cancelled."""
+
+
+class StepFailed(DurableError):
+    """A step failed for good: out of attempts, or it raised `Permanent`.
+
+    Raised inside the workflow, live and on replay alike, so the workflow may catch
+    it and compensate. `error_type` and `message` describe the step's last error.
+    """
+
+    def __init__(self, step: str, error_type: str, message: str, attempts: int) -> None:
+        super().__init__(
+            f"step {step!r} failed after {attempts} attempt(s): {error_type}: {message}"
+        )
+        self.step = step
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+
+
+class WorkflowFailed(DurableError):
+    """The workflow ended with an error; `error_type` and `message` say which."""
+
+    def __init__(self, workflow_id: str, error: dict[str, Any]) -> None:
+        self.workflow_id = workflow_id
+        self.error_type = str(error.get("type", "Error"))
+        self.message = str(error.get("message", ""))
+        self.step: str | None = error.get("step")
+        where = f" in step {self.step!r}" if self.step else ""
+        super().__init__(
+            f"workflow {workflow_id!r} failed{where}: {self.error_type}: {self.message}"
+        )
+
+
+class Permanent(Exception):
+    """Raise from a step (or subclass) for a failure that retrying cannot fix."""
+
+
+class _Interrupted(BaseException):
+    """The workflow must stop without an outcome: its journal could not be written,
+    or another process holds it now. A BaseException, so workflow code that catches
+    `Exception` cannot swallow it; the workflow stays unfinished in the journal."""
+
+
+class _Fenced(_Interrupted):
+    """Another process owns the workflow now, or it is no longer unfinished."""
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} is no longer held by this process")
+
+
+def _check_id(workflow_id: object) -> None:
+    if not isinstance(workflow_id, str):
+        raise InvalidInput(f"a workflow id must be a string, not {type(workflow_id).__name__}")
+    if not workflow_id:
+        raise InvalidInput("a workflow id must not be empty")
+    if len(workflow_id) > _MAX_ID_LENGTH:
+        raise InvalidInput(
+            f"a workflow id must be at most {_MAX_ID_LENGTH} characters, not {len(workflow_id)}"
+        )
+
+
+# CODEC: JSON only, never pickle, so whoever can write the file cannot run code.
+
+
+def _dumps(value: Any) -> str:
+    # Canonical form: sorted keys and no spaces, so equal values hash equally.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _error_of(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, StepFailed):
+        return {"type": exc.error_type, "message": exc.message, "step": exc.step,
+                "attempts": exc.attempts}
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+# OWNER IDENTITY: which process holds a workflow, and whether it is still alive.
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str | None:
+    """A token that changes when `pid` is reused, or None if no such process runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (macOS, BSD): the pid alone, so a reused pid looks alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    # Field 22 is the start time in clock ticks since boot; the name (field 2) may
+    # hold spaces and parentheses, so count from its closing parenthesis.
+    return _boot_id() + ":" + stat.rpartition(")")[2].split()[19]
+
+
+def _owner_is_dead(owner: str, host: str) -> bool:
+    """True only when `owner` is a process on this host that has exited."""
+    parts = owner.split("|")
+    if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
+        return False  # another machine: only its lease can tell
+    current = _process_start(int(parts[1]))
+    return current is None or (current != "" and current != parts[2])
+
+
+# JOURNAL: connections, schema, transactions, and the one writer thread.
+
+
+def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+    """Open the journal, refuse a file that is not one, and bring its schema up to date."""
+    try:
+        # isolation_level=None: no implicit transactions; _transaction() opens them.
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot open journal {path!r}: {exc}") from None
+    try:
+        # Wait this long for another process's write lock instead of failing at once.
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        version = _check_schema(conn, path)
+        # WAL: readers never block the writer, the writer never blocks readers, and a
+        # commit is one append to the log. https://www.sqlite.org/wal.html
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL syncs the log at every commit (survives power loss); NORMAL syncs only
+        # at checkpoints (survives a process crash). https://www.sqlite.org/pragma.html#pragma_synchronous
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # Steps are deleted with their workflow (ON DELETE CASCADE).
+        conn.execute("PRAGMA foreign_keys = ON")
+        if version < len(_MIGRATIONS):
+            _migrate(conn, path)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise JournalError(f"cannot use journal {path!r}: {exc}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_schema(conn: sqlite3.Connection, path: str) -> int:
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(
+            f"{path!r} is not a durable.py journal ({exc}); give Durable a new file "
+            "or the journal you meant"
+        ) from None
+    if app_id != _APPLICATION_ID and (app_id or version or tables):
+        raise JournalError(
+            f"{path!r} is a SQLite database but not a durable.py journal; "
+            "keep the journal in a file of its own"
+        )
+    if version > len(_MIGRATIONS):
+        raise JournalError(
+            f"journal {path!r} has schema version {version}, newer than this durable.py "
+            f"{__version__} knows ({len(_MIGRATIONS)}); upgrade durable.py to open it"
+        )
+    return int(version)
+
+
+def _migrate(conn: sqlite3.Connection, path: str) -> None:
+    with _transaction(conn):
+        version = _check_schema(conn, path)  # again: another process may have migrated
+        for statements in _MIGRATIONS[version:]:
+            for sql in statements:
+                conn.execute(sql)
+        # PRAGMA takes no parameters; both values are this module's own integers.
+        conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+        conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """The one way into a write transaction: BEGIN IMMEDIATE takes the write lock up
+    front (waiting up to busy_timeout), so a transaction never fails halfway for
+    want of it. Any exception rolls everything back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+_Op = Callable[[sqlite3.Connection], Any]
+
+
+class _Writer:
+    """The only thread that writes the journal.
+
+    Coroutines queue operations; the thread takes every operation waiting and
+    commits them in one transaction, so they share one fsync (group commit). Each
+    operation runs in a savepoint: one that raises is undone alone and its caller
+    gets the exception. Each caller resumes only after its commit returned.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self._conn = conn
+        self._loop = loop
+        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._main, name="durable-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: _Op) -> asyncio.Future[Any]:
+        future = self._loop.create_future()
+        self._queue.put((op, future))
+        return future
+
+    def stop(self) -> None:
+        """Commit what is queued, then end the thread (blocks: call from a thread)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _main(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            outcomes = self._commit([op for op, _ in batch])
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(
+                    _settle, [future for _, future in batch], outcomes
+                )
+
+    def _commit(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with _transaction(self._conn) as conn:
+                for op in ops:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        outcomes.append((True, op(conn)))
+                    except (Exception, _Interrupted) as exc:
+                        conn.execute("ROLLBACK TO op")
+                        if isinstance(exc, sqlite3.Error):
+                            exc = JournalError(f"journal write failed: {exc}")
+                        outcomes.append((False, exc))
+                    conn.execute("RELEASE op")
+        except sqlite3.Error as exc:
+            error = JournalError(f"journal write failed: {exc}")
+            return [(False, error)] * len(ops)
+        return outcomes
+
+
+def _settle(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
+    for future, (ok, value) in zip(futures, outcomes, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+# RETRY POLICY.
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a failing step is tried, and how long to wait in between.
+
+    The wait after failed attempt n is ``initial_delay * backoff ** (n - 1)``, capped
+    at `max_delay`, less a random share of up to `jitter` of it, so that many
+    workflows failing together do not retry in step. With the defaults a step is
+    tried 5 times over about 7 seconds.
+    """
+
+    max_attempts: int = 5
+    initial_delay: float = 0.5
+    backoff: float = 2.0
+    max_delay: float = 30.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
+                or self.max_attempts < 1:
+            raise InvalidInput(f"max_attempts must be an integer >= 1, not {self.max_attempts!r}")
+        for field, low in (("initial_delay", 0.0), ("backoff", 1.0), ("max_delay", 0.0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
+                raise InvalidInput(f"{field} must be a number >= {low}, not {value!r}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) \
+                or not 0 <= self.jitter <= 1:
+            raise InvalidInput(f"jitter must be between 0 and 1, not {self.jitter!r}")
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after failed attempt number `attempt` (counting from 1)."""
+        try:
+            base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        except OverflowError:
+            base = self.max_delay
+        return float(base * (1 - self.jitter * rand()))
+
+
+# RECORDS: what the journal says about a workflow, for any process to read.
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One journaled step. Times are Unix timestamps; `started_at` is the first attempt's."""
+
+    seq: int
+    name: str
+    state: StepState
+    attempts: int
+    result: Any
+    error: dict[str, Any] | None
+    started_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A workflow as the journal has it, with one `StepRecord` per journaled step."""
+
+    id: str
+    name: str
+    state: State
+    result: Any
+    error: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    steps: tuple[StepRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _JournaledStep:
+    name: str
+    state: str
+    attempts: int
+    result: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Workflow:
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    retry: RetryPolicy | None
+    signature: inspect.Signature
+
+
+# CONTEXT: what a workflow receives as its first argument.
+
+
+class _StepCall(Generic[_T]):
+    """A step about to run: yield it (generator workflow) or await it (async workflow)."""
+
+    __slots__ = ("_ctx", "args", "fn", "kwargs", "name", "retry")
+
+    def __init__(self, ctx: Context, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], name: str | None, retry: RetryPolicy | None) -> None:
+        if not callable(fn):
+            raise InvalidInput(f"ctx.run() needs a function, not {fn!r}")
+        self._ctx = ctx
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.name = name or getattr(fn, "__qualname__", None) or repr(fn)
+        self.retry = retry
+
+    def __await__(self) -> Generator[Any, None, _T]:
+        return self._ctx._execute(self).__await__()
+
+
+class _StepOptions:
+    __slots__ = ("_ctx", "_name", "_retry")
+
+    def __init__(self, ctx: Context, name: str | None, retry: RetryPolicy | None) -> None:
+        self._ctx, self._name, self._retry = ctx, name, retry
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall[Any]:
+        """Like `Context.run`, with these options."""
+        return _StepCall(self._ctx, fn, args, kwargs, self._name, self._retry)
+
+
+class Context:
+    """Handed to a workflow as its first argument; `run` makes its steps."""
+
+    __slots__ = ("_abort", "_durable", "_flush_due", "_id", "_inflight", "_journal",
+                 "_owner", "_pending", "_retry", "_seq")
+
+    def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
+                 journal: dict[int, _JournaledStep]) -> None:
+        self._durable = durable
+        self._id = workflow_id
+        self._owner = durable._owner
+        self._retry = retry
+        self._journal = journal  # steps recorded before this (re)start, consumed by replay
+        self._seq = 0
+        self._abort: BaseException | None = None
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._inflight: asyncio.Future[Any] | None = None
+        self._flush_due = False
+
+    @property
+    def id(self) -> str:
+        """The workflow's id: the base for keys passed to outside systems."""
+        return self._id
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall[Any]:
+        """A step calling ``fn(*args, **kwargs)``: ``yield`` it in a generator workflow,
+        ``await`` it in an async one. Sync functions run in a worker thread."""
+        return _StepCall(self, fn, args, kwargs, None, None)
+
+    def options(self, *, name: str | None = None,
+                retry: RetryPolicy | None = None) -> _StepOptions:
+        """Step options that cannot collide with the step's own arguments:
+        ``yield ctx.options(retry=RetryPolicy(max_attempts=10)).run(charge, order)``.
+        `name` is the step's name in the journal (default: the function's name)."""
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
+        return _StepOptions(self, name, retry)
+
+    async def _execute(self, call: _StepCall[Any]) -> Any:
+        if call._ctx is not self:
+            raise InvalidInput("a step made by another workflow's ctx.run() was awaited here")
+        if self._abort is not None:
+            raise self._abort
+        self._seq += 1
+        seq, name = self._seq, call.name
+        recorded = self._journal.pop(seq, None)
+        attempts, error = 0, None
+        if recorded is not None:
+            if recorded.name != name:
+                self._abort = NonDeterminismError(
+                    f"workflow {self._id!r} step {seq} is {name!r} in the code but "
+                    f"{recorded.name!r} in the journal: the code changed under a running "
+                    "workflow. Deploy new steps under a new workflow name, or let in-flight "
+                    "workflows finish first."
+                )
+                raise self._abort
+            if recorded.state == "done":
+                return _loads(recorded.result)
+            if recorded.state == "failed":
+                err = _loads(recorded.error) or {}
+                raise StepFailed(name, err.get("type", "Error"), err.get("message", ""),
+                                 recorded.attempts)
+            attempts = recorded.attempts  # the process stopped during that attempt
+        policy = call.retry or self._retry
+        while attempts < policy.max_attempts:
+            attempts += 1
+            now = time.time()
+            await self._write([(_BEGIN_ATTEMPT, (self._id, seq, name, attempts,
+                                                 _dumps(error) if error else None, now, now))])
+            permanent = False
+            try:
+                value = await self._durable._invoke(self._id, call.fn, call.args, call.kwargs)
+            except Exception as exc:
+                error, permanent = _error_of(exc), isinstance(exc, Permanent)
+            else:
+                try:
+                    text = _dumps(value)
+                except (TypeError, ValueError) as exc:
+                    error, permanent = {"type": "TypeError", "message":
+                                        f"the step returned a value that is not JSON: {exc}"}, True
+                else:
+                    done = time.time()
+                    # Written with the next checkpoint (the next step's start or the
+                    # workflow's end): the next step cannot start before it is durable.
+                    self._defer([(_FINISH_STEP, ("done", text, None, done, done, self._id, seq))])
+                    return _loads(text)
+            if permanent or attempts >= policy.max_attempts:
+                break
+            delay = policy.delay(attempts)
+            _log.warning("workflow %r step %r attempt %d/%d failed (%s: %s); retrying in %.2fs",
+                         self._id, name, attempts, policy.max_attempts, error["type"],
+                         error["message"], delay)
+            await asyncio.sleep(delay)
+        else:
+            error = {"type": "Interrupted", "message": f"the process stopped during attempt "
+                     f"{attempts} of {policy.max_attempts}, the last one allowed"}
+        assert error is not None
+        now = time.time()
+        await self._write([(_FINISH_STEP, ("failed", None, _dumps(error), now, now,
+                                           self._id, seq))])
+        raise StepFailed(name, error["type"], error["message"], attempts)
+
+    async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Commit `statements` (with any deferred ones) if this process still owns the
+        workflow; otherwise stop the workflow with _Interrupted."""
+        statements, self._pending = self._pending + statements, []
+        future = self._durable._write_fenced(self._id, self._owner, statements)
+        future.add_done_callback(_retrieve)
+        try:
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                await inflight
+            await future
+        except (DurableError, _Interrupted) as exc:
+            self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
+            raise self._abort from None
+
+    def _defer(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self._pending += statements
+        if not self._flush_due:
+            self._flush_due = True
+            # Runs only if the workflow awaits something other than a step first.
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self._pending:
+            statements, self._pending = self._pending, []
+            future = self._durable._write_fenced(self._id, self._owner, statements)
+            future.add_done_callback(_retrieve)
+            self._inflight = future
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failure here is seen again by the workflow's next write
+
+
+async def _drive(gen: Generator[Any, Any, Any], ctx: Context) -> Any:
+    """Run a generator workflow: each yielded step runs, and its result (or its
+    StepFailed) is sent back in."""
+    value: Any = None
+    failure: StepFailed | None = None
+    try:
+        while True:
+            try:
+                call = gen.send(value) if failure is None else gen.throw(failure)
+            except StopIteration as stop:
+                return stop.value
+            value, failure = None, None
+            if not isinstance(call, _StepCall):
+                raise TypeError(f"the workflow yielded {call!r}; yield ctx.run(step, ...)")
+            try:
+                value = await ctx._execute(call)
+            except StepFailed as exc:
+                failure = exc
+    finally:
+        gen.close()
+
+
+# HANDLE: a workflow seen from outside.
+
+
+class Handle:
+    """A workflow started (or found) by `Durable.run` or `Durable.get`."""
+
+    __slots__ = ("_durable", "created", "id")
+
+    def __init__(self, durable: Durable, workflow_id: str, created: bool) -> None:
+        self._durable = durable
+        self.id = workflow_id
+        self.created = created  # False when run() found the workflow already recorded
+
+    def __repr__(self) -> str:
+        return f"Handle(id={self.id!r}, created={self.created})"
+
+    async def done(self) -> bool:
+        """Whether the workflow has finished (done, failed or cancelled). Never waits."""
+        if self.id in self._durable._running:
+            return False
+        row = await self._durable._read(_SELECT_OUTCOME, (self.id,))
+        return bool(row) and row[0][0] in _FINISHED
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the workflow to finish and return its result.
+
+        Raises WorkflowFailed or WorkflowCancelled, or TimeoutError after `timeout`
+        seconds (the workflow goes on)."""
+        async with asyncio.timeout(timeout):
+            state, result, error = await self._durable._wait(self.id)
+        if state == "done":
+            return _loads(result)
+        if state == "cancelled":
+            raise WorkflowCancelled(f"workflow {self.id!r} was cancelled")
+        raise WorkflowFailed(self.id, _loads(error) or {})
+
+    async def status(self) -> Status:
+        """The workflow and its steps as the journal has them now."""
+        return await self._durable._status(self.id)
+
+
+# DURABLE: registry, runner, recovery.
+
+
+class Durable:
+    """A journal file and the workflows registered with it.
+
+    Args:
+        path: the SQLite file; created if missing. Keep it on a local disk.
+        synchronous: "FULL" (default) syncs every commit to disk and survives power
+            loss. "NORMAL" survives a crash of the process but may lose the last
+            commits if the machine loses power; it is faster on slow disks.
+        busy_timeout: seconds to wait for another process's write lock.
+        retry: the default RetryPolicy for steps (per workflow: `register(retry=)`,
+            per step: `ctx.options(retry=)`).
+        max_threads: worker threads for sync steps; more steps wait their turn.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
+                 busy_timeout: float = 5.0, retry: RetryPolicy | None = None,
+                 max_threads: int = 32) -> None:
+        self.path = os.fspath(path)
+        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
+            raise InvalidInput(f"the journal must be a file path, not {self.path!r}")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise InvalidInput(f'synchronous must be "FULL" or "NORMAL", not {synchronous!r}')
+        if not isinstance(busy_timeout, int | float) or busy_timeout < 0:
+            raise InvalidInput(f"busy_timeout must be seconds >= 0, not {busy_timeout!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise InvalidInput(f"max_threads must be an integer >= 1, not {max_threads!r}")
+        self.synchronous = synchronous
+        self.busy_timeout = float(busy_timeout)
+        self.retry = retry or RetryPolicy()
+        self.max_threads = max_threads
+        self._registry: dict[str, _Workflow] = {}
+        self._names: dict[Callable[..., Any], str] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._stepping: dict[str, int] = {}  # workflow id -> sync steps in threads
+        self._host = socket.gethostname()
+        self._owner = ""
+        self._writer: _Writer | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_conn: sqlite3.Connection | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"Durable({self.path!r}, synchronous={self.synchronous!r})"
+
+    # Registry.
+
+    @overload
+    def register(self, fn: _F) -> _F: ...
+    @overload
+    def register(self, *, name: str | None = None,
+                 retry: RetryPolicy | None = None) -> Callable[[_F], _F]: ...
+
+    def register(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
+                 retry: RetryPolicy | None = None) -> Any:
+        """Register a workflow: a generator function (steps are ``yield ctx.run(...)``)
+        or an ``async def`` (steps are ``await ctx.run(...)``), taking ``ctx`` first.
+
+        Use bare (``@dur.register``) or with options (``@dur.register(name="orders.v2",
+        retry=RetryPolicy(max_attempts=3))``). `name` is what the journal records
+        (default: the function's qualified name); returns the function unchanged."""
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
+
+        def decorate(f: _F) -> _F:
+            if inspect.isgeneratorfunction(f):
+                is_async = False
+            elif inspect.iscoroutinefunction(f):
+                is_async = True
+            else:
+                raise InvalidInput(
+                    f"{f!r} is not a workflow: write it as a generator (yield ctx.run(...)) "
+                    "or as an async def (await ctx.run(...))"
+                )
+            wf_name = name if name is not None else f.__qualname__
+            if not isinstance(wf_name, str) or not wf_name:
+                raise InvalidInput(f"a workflow name must be a non-empty string, not {wf_name!r}")
+            known = self._registry.get(wf_name)
+            if known is not None and known.fn is not f:
+                raise InvalidInput(
+                    f"a workflow named {wf_name!r} is already registered ({known.fn!r}); "
+                    "pass register(name=...) to give this one another name"
+                )
+            if self._names.get(f, wf_name) != wf_name:
+                raise InvalidInput(f"{f!r} is already registered as {self._names[f]!r}")
+            self._registry[wf_name] = _Workflow(wf_name, f, is_async, retry, inspect.signature(f))
+            self._names[f] = wf_name
+            return f
+
+        return decorate if fn is None else decorate(fn)
+
+    def _workflow(self, fn: Callable[..., Any] | str) -> _Workflow:
+        name = fn if isinstance(fn, str) else self._names.get(fn)
+        workflow = self._registry.get(name) if name is not None else None
+        if workflow is None:
+            raise InvalidInput(f"{fn!r} is not a registered workflow; decorate it with "
+                               "@dur.register first")
+        return workflow
+
+    # Lifecycle.
+
+    async def __aenter__(self) -> Durable:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open the journal and resume every unfinished workflow that is registered
+        here and whose owner is gone. `async with dur:` calls this."""
+        if self._writer is not None:
+            raise DurableError(f"{self!r} is already open")
+        loop = asyncio.get_running_loop()
+        reader = ThreadPoolExecutor(1, thread_name_prefix="durable-reader")
+        connect = functools.partial(_connect, self.path, self.synchronous, self.busy_timeout)
+        try:
+            write_conn = await loop.run_in_executor(reader, connect)
+            self._reader_conn = await loop.run_in_executor(reader, connect)
+        except BaseException:
+            reader.shutdown(wait=False)
+            raise
+        pid = os.getpid()
+        self._owner = f"{self._host}|{pid}|{_process_start(pid)}|{secrets.token_hex(4)}"
+        self._reader = reader
+        self._writer = _Writer(write_conn, loop)
+        self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="durable-step")
+        await self._recover()
+
+    async def close(self) -> None:
+        """Stop running workflows (they stay unfinished in the journal and resume at the
+        next open), hand back the ones no step thread still works on, and close."""
+        writer, reader, pool = self._writer, self._reader, self._pool
+        if writer is None or reader is None or pool is None:
+            return
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        owned = await self._read(_SELECT_OWNED, (self._owner,))
+        idle = [wf_id for wf_id, _, _ in owned if wf_id not in self._stepping]
+        owner = self._owner
+
+        def release(conn: sqlite3.Connection) -> None:
+            conn.executemany(_RELEASE, [(wf_id, owner) for wf_id in idle])
+
+        with contextlib.suppress(DurableError):
+            await writer.submit(release)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, writer.stop)
+        writer._conn.close()
+        reader_conn = self._reader_conn
+        if reader_conn is not None:
+            await loop.run_in_executor(reader, reader_conn.close)
+        reader.shutdown(wait=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._writer = self._reader = self._pool = self._reader_conn = None
+
+    def _open_writer(self) -> _Writer:
+        if self._writer is None:
+            raise DurableError(f"{self!r} is not open; use 'async with dur:' or 'await dur.open()'")
+        return self._writer
+
+    # Journal access.
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        self._open_writer()
+        conn, reader = self._reader_conn, self._reader
+        assert conn is not None and reader is not None
+
+        def query() -> list[Any]:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal read failed: {exc}") from None
+
+        return await asyncio.get_running_loop().run_in_executor(reader, query)
+
+    def _write_fenced(self, workflow_id: str, owner: str,
+                      statements: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute(_TOUCH_WORKFLOW, (time.time(), workflow_id, owner)).rowcount != 1:
+                raise _Fenced(workflow_id)
+            for sql, params in statements:
+                conn.execute(sql, params)
+
+        return self._open_writer().submit(op)
+
+    # Running.
+
+    async def run(self, id: str, fn: Callable[..., Any] | str, /,
+                  *args: Any, **kwargs: Any) -> Handle:
+        """Record workflow `fn(ctx, *args, **kwargs)` under `id` and start it.
+
+        Returns once the workflow is committed to the journal. The id is the
+        idempotency key: the same id with the same function and arguments returns
+        the existing workflow's handle (``created`` is False) and starts nothing;
+        with another function or other arguments it raises IdempotencyConflict.
+        Arguments must be JSON; the workflow receives them as JSON gives them back.
+        """
+        writer = self._open_writer()
+        workflow = self._workflow(fn)
+        _check_id(id)
+        try:
+            workflow.signature.bind(None, *args, **kwargs)
+        except TypeError as exc:
+            raise InvalidInput(f"arguments do not fit workflow {workflow.name!r}: {exc}") from None
+        try:
+            text = _dumps({"args": list(args), "kwargs": kwargs})
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(
+                f"arguments of workflow {workflow.name!r} must be JSON-serializable: {exc}"
+            ) from None
+        digest = hashlib.sha256(f"{workflow.name}\0{text}".encode()).hexdigest()
+        owner, name = self._owner, workflow.name
+
+        def insert(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            if conn.execute(_INSERT_WORKFLOW, (id, name, text, digest, owner, now, now)).rowcount:
+                return True
+            known_name, known_digest = conn.execute(_SELECT_IDENTITY, (id,)).fetchone()
+            if known_name != name:
+                raise IdempotencyConflict(
+                    f"workflow {id!r} already exists as {known_name!r}, not {name!r}; "
+                    "use a new id"
+                )
+            if known_digest != digest:
+                raise IdempotencyConflict(
+                    f"workflow {id!r} already exists with different arguments; use a new id "
+                    "or the same arguments"
+                )
+            return False
+
+        created = bool(await writer.submit(insert))
+        if created:
+            self._start(id, workflow, text, {})
+        return Handle(self, id, created)
+
+    async def get(self, id: str) -> Handle:
+        """The handle of an existing workflow; raises NotFound for an unknown id."""
+        if not await self._read(_SELECT_OUTCOME, (id,)):
+            raise NotFound(f"no workflow has id {id!r}")
+        return Handle(self, id, False)
+
+    def _start(self, workflow_id: str, workflow: _Workflow, text: str,
+               journal: dict[int, _JournaledStep]) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._run_workflow(workflow_id, workflow, text, journal),
+            name=f"durable:{workflow_id}",
+        )
+        self._running[workflow_id] = task
+
+    async def _run_workflow(self, workflow_id: str, workflow: _Workflow, text: str,
+                            journal: dict[int, _JournaledStep]) -> None:
+        ctx = Context(self, workflow_id, workflow.retry or self.retry, journal)
+        data = _loads(text)
+        try:
+            try:
+                if workflow.is_async:
+                    value = await workflow.fn(ctx, *data["args"], **data["kwargs"])
+                else:
+                    value = await _drive(workflow.fn(ctx, *data["args"], **data["kwargs"]), ctx)
+                if ctx._abort is not None:
+                    raise ctx._abort
+                try:
+                    outcome: tuple[str, str | None, str | None] = ("done", _dumps(value), None)
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(f"the workflow returned a value that is not JSON: {exc}") \
+                        from None
+            except Exception as exc:
+                # A NonDeterminismError wins even when the workflow code caught it.
+                error = _error_of(ctx._abort if isinstance(ctx._abort, Exception) else exc)
+                outcome = ("failed", None, _dumps(error))
+                _log.error("workflow %r failed: %s: %s", workflow_id, error["type"],
+                           error["message"])
+            if isinstance(ctx._abort, _Interrupted):
+                raise ctx._abort
+            now = time.time()
+            await ctx._write([(_FINISH_WORKFLOW, (*outcome, now, now, workflow_id))])
+        except _Interrupted as stop:
+            cause = stop.args[0] if stop.args else stop
+            _log.warning("workflow %r stopped without an outcome and stays unfinished: %s",
+                         workflow_id, cause)
+        finally:
+            self._running.pop(workflow_id, None)
+
+    async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        assert self._pool is not None
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, call)
+        # Counted until the thread returns, even if the workflow is cancelled first:
+        # close() must not hand a workflow to another process while its step still runs.
+        self._stepping[workflow_id] = self._stepping.get(workflow_id, 0) + 1
+        future.add_done_callback(functools.partial(self._step_thread_done, workflow_id))
+        value = await future
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    def _step_thread_done(self, key: str, _: object) -> None:
+        left = self._stepping.pop(key, 1) - 1
+        if left:
+            self._stepping[key] = left
+
+    async def _wait(self, workflow_id: str) -> tuple[str, str | None, str | None]:
+        """Wait until the workflow is finished; return its state, result and error."""
+        delay = 0.01
+        while True:
+            task = self._running.get(workflow_id)
+            if task is not None:
+                await asyncio.wait({task})
+            rows = await self._read(_SELECT_OUTCOME, (workflow_id,))
+            if not rows:
+                raise NotFound(f"no workflow has id {workflow_id!r}")
+            if rows[0][0] in _FINISHED:
+                return rows[0][0], rows[0][1], rows[0][2]
+            if workflow_id not in self._running:
+                # Running in another process (or not yet resumed): look again later.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _status(self, workflow_id: str) -> Status:
+        rows = await self._read(_SELECT_WORKFLOW, (workflow_id,))
+        if not rows:
+            raise NotFound(f"no workflow has id {workflow_id!r}")
+        steps = await self._read(_SELECT_STEPS, (workflow_id,))
+        wf_id, name, state, result, error, created, updated, finished = rows[0]
+        return Status(
+            wf_id, name, state, _loads(result), _loads(error), created, updated, finished,
+            tuple(StepRecord(seq, step, st, attempts, _loads(res), _loads(err), started,
+                             step_updated, step_finished)
+                  for seq, step, st, attempts, res, err, started, step_updated, step_finished
+                  in steps),
+        )
+
+    # Recovery.
+
+    async def _recover(self) -> None:
+        """Claim every unfinished workflow registered here whose owner is gone (none,
+        or a dead process on this machine), then resume each from its journal."""
+        writer = self._open_writer()
+        unfinished = await self._read(_SELECT_UNFINISHED, ())
+        orphans: list[tuple[str, str | None]] = []
+        strangers: dict[str, int] = {}
+        for wf_id, name, owner in unfinished:
+            if owner is not None and not _owner_is_dead(owner, self._host):
+                continue
+            if name in self._registry:
+                orphans.append((wf_id, owner))
+            else:
+                strangers[name] = strangers.get(name, 0) + 1
+        for name, count in strangers.items():
+            _log.warning("%d unfinished workflow(s) named %r are not registered here; left "
+                         "for a process that registers them", count, name)
+        if not orphans:
+            return
+        me = self._owner
+
+        def claim(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.executemany(_CLAIM, [(me, now, wf_id, owner) for wf_id, owner in orphans])
+
+        await writer.submit(claim)
+        journals: dict[str, dict[int, _JournaledStep]] = {}
+        for wf_id, seq, *step in await self._read(_SELECT_OWNED_STEPS, (me,)):
+            journals.setdefault(wf_id, {})[seq] = _JournaledStep(*step)
+        owned = await self._read(_SELECT_OWNED, (me,))
+        for wf_id, name, text in owned:
+            if wf_id not in self._running:
+                self._start(wf_id, self._registry[name], text, journals.get(wf_id, {}))
+        _log.info("resumed %d unfinished workflow(s) from %s", len(owned), self.path)
+
+
