@@ -257,6 +257,12 @@ def _check_id(workflow_id: object) -> None:
         )
 
 
+def _name_of(fn: Callable[..., Any]) -> str:
+    # "Order.charge" for a method, "charge" for a function defined inside another.
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return str(name).rpartition("<locals>.")[2]
+
+
 # CODEC: JSON only, never pickle, so whoever can write the file cannot run code.
 
 
@@ -590,7 +596,7 @@ class _StepCall(Generic[_T]):
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.name = name or getattr(fn, "__qualname__", None) or repr(fn)
+        self.name = name or _name_of(fn)
         self.retry = retry
 
     def __await__(self) -> Generator[Any, None, _T]:
@@ -873,7 +879,8 @@ class Durable:
 
         Use bare (``@dur.register``) or with options (``@dur.register(name="orders.v2",
         retry=RetryPolicy(max_attempts=3))``). `name` is what the journal records
-        (default: the function's qualified name); returns the function unchanged."""
+        (default: the function's qualified name, without ``<locals>``). Returns the
+        function unchanged."""
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
 
@@ -887,7 +894,7 @@ class Durable:
                     f"{f!r} is not a workflow: write it as a generator (yield ctx.run(...)) "
                     "or as an async def (await ctx.run(...))"
                 )
-            wf_name = name if name is not None else f.__qualname__
+            wf_name = name if name is not None else _name_of(f)
             if not isinstance(wf_name, str) or not wf_name:
                 raise InvalidInput(f"a workflow name must be a non-empty string, not {wf_name!r}")
             known = self._registry.get(wf_name)

@@ -1,0 +1,1115 @@
+"""Tests of durable.py on real SQLite files, with real processes killed mid-step."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import durable
+from durable import (
+    Durable,
+    DurableError,
+    IdempotencyConflict,
+    InvalidInput,
+    JournalError,
+    NonDeterminismError,
+    NotFound,
+    Permanent,
+    RetryPolicy,
+    StepFailed,
+    WorkflowFailed,
+)
+
+HERE = Path(__file__).resolve().parent
+FAST = RetryPolicy(max_attempts=3, initial_delay=0, jitter=0)
+
+
+def arun(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def count(db: Path, table: str) -> int:
+    return rows(db, f"SELECT count(*) FROM {table}")[0][0]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "journal.db"
+
+
+# Registration.
+
+
+def test_register_returns_the_function_unchanged_with_and_without_arguments(db: Path) -> None:
+    dur = Durable(db)
+
+    def plain(ctx):
+        yield ctx.run(str)
+
+    async def named(ctx):
+        return 1
+
+    assert dur.register(plain) is plain
+    assert dur.register(name="orders.v2", retry=FAST)(named) is named
+    assert dur._workflow("orders.v2").fn is named
+    assert dur._workflow(plain).name == "plain"  # without "<locals>."
+
+
+def test_register_refuses_a_second_function_under_the_same_name(db: Path) -> None:
+    dur = Durable(db)
+
+    def one(ctx):
+        yield ctx.run(str)
+
+    def two(ctx):
+        yield ctx.run(str)
+
+    dur.register(name="wf")(one)
+    dur.register(name="wf")(one)  # the same function again is harmless
+    with pytest.raises(InvalidInput, match="already registered"):
+        dur.register(name="wf")(two)
+
+
+def test_register_refuses_a_function_that_is_neither_generator_nor_async(db: Path) -> None:
+    dur = Durable(db)
+    with pytest.raises(InvalidInput, match="generator"):
+        dur.register(lambda ctx: 1)
+
+
+def test_registered_name_is_recorded_and_usable_in_run(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register(name="greeting")
+    def hello(ctx, who):
+        return (yield ctx.run(str.upper, who))
+
+    async def main() -> None:
+        async with dur:
+            handle = await dur.run("g1", "greeting", "ada")
+            assert await handle.result() == "ADA"
+            assert (await handle.status()).name == "greeting"
+
+    arun(main())
+
+
+# Settings and the journal file.
+
+
+def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(db: Path) -> None:
+    async def main(dur: Durable) -> int:
+        async with dur:
+            assert dur._writer is not None
+            return int(dur._writer._conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert arun(main(Durable(db))) == 2  # FULL
+    assert arun(main(Durable(db, synchronous="NORMAL"))) == 1
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+    assert rows(db, "PRAGMA user_version") == [(len(durable._MIGRATIONS),)]
+
+
+@pytest.mark.parametrize("settings", [
+    {"synchronous": "OFF"}, {"busy_timeout": -1}, {"retry": 3}, {"max_threads": 0},
+])
+def test_bad_settings_are_refused_at_construction(db: Path, settings: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput):
+        Durable(db, **settings)
+
+
+def test_memory_database_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="file path"):
+        Durable(":memory:")
+
+
+def test_file_that_is_not_a_database_is_refused_and_left_untouched(db: Path) -> None:
+    db.write_bytes(b"this is a text file, not SQLite\n" * 100)
+    before = db.read_bytes()
+    with pytest.raises(JournalError, match=r"not a durable\.py journal"):
+        arun(Durable(db).open())
+    assert db.read_bytes() == before
+
+
+def test_sqlite_database_of_another_application_is_refused_and_left_untouched(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    before = db.read_bytes()
+    with pytest.raises(JournalError, match=r"not a durable\.py journal"):
+        arun(Durable(db).open())
+    assert db.read_bytes() == before
+
+
+def test_journal_with_a_newer_schema_is_refused_with_advice(db: Path) -> None:
+    async def touch() -> None:
+        async with Durable(db):
+            pass
+
+    arun(touch())
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(JournalError, match=r"upgrade durable\.py"):
+        arun(touch())
+
+
+def test_journal_in_a_missing_directory_gives_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="cannot open journal"):
+        arun(Durable(tmp_path / "nope" / "j.db").open())
+
+
+def test_run_before_open_says_how_to_open(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(str)
+
+    with pytest.raises(DurableError, match="async with dur"):
+        arun(dur.run("x", wf))
+
+
+def test_journal_holds_json_only(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx, order):
+        total = yield ctx.run(lambda o: sum(i["price"] for i in o["items"]), order)
+        return {"total": total}
+
+    async def main() -> None:
+        async with dur:
+            await (await dur.run("j1", wf, {"items": [{"price": 5}, {"price": 7}]})).result()
+
+    arun(main())
+    (text, result), = rows(db, "SELECT input, result FROM workflows")
+    assert json.loads(text) == {"args": [{"items": [{"price": 5}, {"price": 7}]}], "kwargs": {}}
+    assert json.loads(result) == {"total": 12}
+    assert [json.loads(r) for r, in rows(db, "SELECT result FROM steps")] == [12]
+
+
+# Running: the two workflow forms and steps.
+
+
+def test_run_returns_only_after_the_workflow_is_committed(db: Path) -> None:
+    dur = Durable(db)
+    gate = threading.Event()
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(gate.wait, 5)
+
+    async def main() -> None:
+        async with dur:
+            await dur.run("c1", wf)
+            # Another connection, as another process would see the file.
+            assert rows(db, "SELECT id, state FROM workflows") == [("c1", "pending")] or \
+                rows(db, "SELECT id, state FROM workflows") == [("c1", "running")]
+            gate.set()
+
+    arun(main())
+
+
+def _journal_of(db: Path, wf_id: str) -> list[tuple[Any, ...]]:
+    return rows(db, "SELECT seq, name, state, attempts, result FROM steps "
+                    "WHERE workflow_id = ? ORDER BY seq", (wf_id,))
+
+
+def test_generator_and_async_workflows_have_the_same_semantics(db: Path) -> None:
+    dur = Durable(db, retry=FAST)
+    ran: list[str] = []
+
+    def reserve(order: dict[str, Any], *, qty: int) -> dict[str, Any]:
+        ran.append("reserve")
+        return {"sku": order["sku"], "qty": qty}
+
+    async def charge(amount: int) -> str:
+        ran.append("charge")
+        raise Permanent(f"card declined for {amount}")
+
+    def release(sku: str) -> bool:
+        ran.append("release")
+        return True
+
+    @dur.register
+    def gen_wf(ctx, order):
+        held = yield ctx.run(reserve, order, qty=2)
+        try:
+            yield ctx.run(charge, 100)
+        except StepFailed as exc:
+            released = yield ctx.run(release, held["sku"])
+            return {"held": held, "released": released, "why": exc.message}
+        return None
+
+    @dur.register
+    async def async_wf(ctx, order):
+        held = await ctx.run(reserve, order, qty=2)
+        try:
+            await ctx.run(charge, 100)
+        except StepFailed as exc:
+            released = await ctx.run(release, held["sku"])
+            return {"held": held, "released": released, "why": exc.message}
+        return None
+
+    async def main() -> list[Any]:
+        async with dur:
+            a = await (await dur.run("g", gen_wf, {"sku": "w"})).result()
+            b = await (await dur.run("a", async_wf, {"sku": "w"})).result()
+            return [a, b]
+
+    a, b = arun(main())
+    assert a == b == {"held": {"sku": "w", "qty": 2}, "released": True,
+                      "why": "card declined for 100"}
+    assert _journal_of(db, "g") == _journal_of(db, "a")
+    assert ran == ["reserve", "charge", "release"] * 2
+
+
+def test_sync_steps_run_in_worker_threads_and_do_not_block_the_event_loop(db: Path) -> None:
+    dur = Durable(db)
+    threads: list[int] = []
+
+    def slow() -> int:
+        threads.append(threading.get_ident())
+        time.sleep(0.5)
+        return 1
+
+    @dur.register
+    def wf(ctx):
+        return (yield ctx.run(slow))
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        async with dur:
+            tick = asyncio.create_task(ticker())
+            await (await dur.run("t", wf)).result()
+            tick.cancel()
+        return ticks
+
+    ticks = arun(main())
+    assert threads and threads[0] != threading.get_ident()
+    assert ticks >= 10  # the loop kept turning while the step slept in its thread
+
+
+def test_sync_steps_share_a_bounded_pool_of_threads(db: Path) -> None:
+    dur = Durable(db, max_threads=2)
+    lock = threading.Lock()
+    now, peak = 0, 0
+
+    def busy() -> None:
+        nonlocal now, peak
+        with lock:
+            now += 1
+            peak = max(peak, now)
+        time.sleep(0.1)
+        with lock:
+            now -= 1
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(busy)
+
+    async def main() -> None:
+        async with dur:
+            handles = [await dur.run(f"p{i}", wf) for i in range(6)]
+            await asyncio.gather(*(h.result() for h in handles))
+
+    arun(main())
+    assert peak == 2
+
+
+def test_async_steps_are_awaited_on_the_event_loop(db: Path) -> None:
+    dur = Durable(db)
+
+    async def step() -> int:
+        return threading.get_ident()
+
+    @dur.register
+    async def wf(ctx):
+        return await ctx.run(step)
+
+    async def main() -> Any:
+        async with dur:
+            return await (await dur.run("s", wf)).result()
+
+    assert arun(main()) == threading.get_ident()
+
+
+def test_step_options_never_collide_with_the_steps_own_keyword_arguments(db: Path) -> None:
+    dur = Durable(db, retry=FAST)
+    seen: list[Any] = []
+
+    def step(x: int, retry: str, name: str) -> None:
+        seen.append((x, retry, name))
+        raise ConnectionError("down")
+
+    @dur.register
+    def wf(ctx):
+        opts = ctx.options(retry=RetryPolicy(max_attempts=2, initial_delay=0), name="custom")
+        yield opts.run(step, 1, retry="mine", name="theirs")
+
+    async def main() -> Any:
+        async with dur:
+            handle = await dur.run("o", wf)
+            with pytest.raises(WorkflowFailed):
+                await handle.result()
+            return await handle.status()
+
+    status = arun(main())
+    assert seen == [(1, "mine", "theirs")] * 2
+    assert [(s.name, s.attempts) for s in status.steps] == [("custom", 2)]
+
+
+def test_retry_policy_is_taken_from_step_then_workflow_then_durable(db: Path) -> None:
+    dur = Durable(db, retry=RetryPolicy(max_attempts=4, initial_delay=0))
+
+    def flaky() -> None:
+        raise ConnectionError("down")
+
+    @dur.register
+    def default_policy(ctx):
+        yield ctx.run(flaky)
+
+    @dur.register(retry=RetryPolicy(max_attempts=3, initial_delay=0))
+    def workflow_policy(ctx):
+        yield ctx.run(flaky)
+
+    @dur.register(retry=RetryPolicy(max_attempts=3, initial_delay=0))
+    def step_policy(ctx):
+        yield ctx.options(retry=RetryPolicy(max_attempts=2, initial_delay=0)).run(flaky)
+
+    async def main() -> list[int]:
+        attempts = []
+        async with dur:
+            for wf in (default_policy, workflow_policy, step_policy):
+                handle = await dur.run(wf.__name__, wf)
+                with pytest.raises(WorkflowFailed):
+                    await handle.result()
+                attempts.append((await handle.status()).steps[0].attempts)
+        return attempts
+
+    assert arun(main()) == [4, 3, 2]
+
+
+# Idempotency.
+
+
+def test_same_id_and_arguments_returns_the_existing_workflow_without_new_work(db: Path) -> None:
+    dur = Durable(db)
+    ran: list[int] = []
+
+    @dur.register
+    def wf(ctx, n, *, label):
+        return (yield ctx.run(lambda: ran.append(n) or n * 2))
+
+    async def main() -> None:
+        async with dur:
+            first = await dur.run("i1", wf, 21, label="x")
+            assert first.created and await first.result() == 42
+            again = await dur.run("i1", wf, 21, label="x")
+            assert not again.created and await again.result() == 42
+
+    arun(main())
+    assert ran == [21]
+    assert count(db, "workflows") == 1
+
+
+def test_keyword_order_does_not_change_the_idempotency_hash(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx, a, b):
+        yield ctx.run(str)
+
+    async def main() -> bool:
+        async with dur:
+            await dur.run("k", wf, a={"x": 1, "y": 2}, b=2)
+            return (await dur.run("k", wf, b=2, a={"y": 2, "x": 1})).created
+
+    assert arun(main()) is False
+
+
+def test_same_id_with_different_arguments_raises_conflict_and_changes_nothing(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx, n):
+        yield ctx.run(str, n)
+
+    @dur.register
+    def other(ctx, n):
+        yield ctx.run(str, n)
+
+    async def main() -> None:
+        async with dur:
+            await (await dur.run("i2", wf, 1)).result()
+            before = rows(db, "SELECT * FROM workflows")
+            with pytest.raises(IdempotencyConflict, match="different arguments"):
+                await dur.run("i2", wf, 2)
+            with pytest.raises(IdempotencyConflict, match="already exists as"):
+                await dur.run("i2", other, 1)
+            assert rows(db, "SELECT * FROM workflows") == before
+
+    arun(main())
+
+
+def test_concurrent_duplicate_runs_in_one_process_execute_once(db: Path) -> None:
+    dur = Durable(db)
+    ran: list[str] = []
+    lock = threading.Lock()
+
+    def step(name: str) -> str:
+        with lock:
+            ran.append(name)
+        return name
+
+    @dur.register
+    def wf(ctx, order):
+        yield ctx.run(step, "validate")
+        yield ctx.run(step, "charge")
+        return order
+
+    async def main() -> list[Any]:
+        async with dur:
+            handles = await asyncio.gather(*(dur.run("dup", wf, {"id": 7}) for _ in range(50)))
+            results = await asyncio.gather(*(h.result() for h in handles))
+            return [sum(h.created for h in handles), results]
+
+    created, results = arun(main())
+    assert created == 1
+    assert results == [{"id": 7}] * 50
+    assert ran == ["validate", "charge"]
+
+
+# Bad input.
+
+
+@pytest.mark.parametrize("wf_id, args, kwargs, message", [
+    ("", (1,), {}, "must not be empty"),
+    ("x" * 256, (1,), {}, "at most 255"),
+    (42, (1,), {}, "must be a string"),
+    (None, (1,), {}, "must be a string"),
+    ("ok", ({1, 2},), {}, "JSON"),
+    ("ok", (float("nan"),), {}, "JSON"),
+    ("ok", (object(),), {}, "JSON"),
+    ("ok", (), {}, "do not fit"),
+    ("ok", (1, 2), {}, "do not fit"),
+    ("ok", (1,), {"nope": 1}, "do not fit"),
+])
+def test_bad_input_to_run_is_refused_before_anything_is_written(
+        db: Path, wf_id: Any, args: tuple[Any, ...], kwargs: dict[str, Any], message: str) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx, n):
+        yield ctx.run(str, n)
+
+    async def main() -> None:
+        async with dur:
+            with pytest.raises(InvalidInput, match=message):
+                await dur.run(wf_id, wf, *args, **kwargs)
+
+    arun(main())
+    assert count(db, "workflows") == 0
+
+
+def test_unregistered_workflow_is_refused_before_anything_is_written(db: Path) -> None:
+    dur = Durable(db)
+
+    def stray(ctx):
+        yield ctx.run(str)
+
+    async def main() -> None:
+        async with dur:
+            with pytest.raises(InvalidInput, match="not a registered workflow"):
+                await dur.run("u", stray)
+            with pytest.raises(InvalidInput, match="not a registered workflow"):
+                await dur.run("u", "no-such-name")
+
+    arun(main())
+    assert count(db, "workflows") == 0
+
+
+def test_an_id_of_255_characters_is_accepted(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(str)
+
+    async def main() -> bool:
+        async with dur:
+            return (await dur.run("x" * 255, wf)).created
+
+    assert arun(main())
+
+
+# Retries and failures.
+
+
+def test_transient_failure_is_retried_and_attempts_are_journaled(db: Path) -> None:
+    dur = Durable(db, retry=FAST)
+    calls = 0
+
+    def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionError("try again")
+        return "ok"
+
+    @dur.register
+    def wf(ctx):
+        return (yield ctx.run(flaky))
+
+    async def main() -> Any:
+        async with dur:
+            handle = await dur.run("r", wf)
+            assert await handle.result() == "ok"
+            return await handle.status()
+
+    status = arun(main())
+    assert calls == 3
+    assert [(s.state, s.attempts) for s in status.steps] == [("done", 3)]
+
+
+def test_each_retry_logs_a_warning_and_a_failed_workflow_logs_an_error(
+        db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dur = Durable(db, retry=FAST)
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(lambda: 1 / 0)
+
+    async def main() -> None:
+        async with dur:
+            with pytest.raises(WorkflowFailed):
+                await (await dur.run("log", wf)).result()
+
+    with caplog.at_level(logging.WARNING, logger="durable"):
+        arun(main())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(warnings) == 2 and "ZeroDivisionError" in warnings[0].getMessage()
+    assert len(errors) == 1 and "'log' failed" in errors[0].getMessage()
+
+
+def test_backoff_grows_exponentially_up_to_the_cap_with_bounded_jitter() -> None:
+    policy = RetryPolicy(max_attempts=10, initial_delay=1, backoff=2, max_delay=5, jitter=0)
+    assert [policy.delay(n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+    jittered = RetryPolicy(initial_delay=1, backoff=2, max_delay=100, jitter=0.5)
+    assert jittered.delay(3, rand=lambda: 0.0) == 4
+    assert jittered.delay(3, rand=lambda: 1.0) == 2
+    assert all(2 <= jittered.delay(3) <= 4 for _ in range(100))
+    assert RetryPolicy(backoff=10, jitter=0).delay(10_000) == RetryPolicy().max_delay
+
+
+def test_retries_wait_between_attempts(db: Path) -> None:
+    dur = Durable(db, retry=RetryPolicy(max_attempts=3, initial_delay=0.1, backoff=2, jitter=0))
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(lambda: 1 / 0)
+
+    async def main() -> float:
+        async with dur:
+            handle = await dur.run("w", wf)
+            start = time.monotonic()
+            with pytest.raises(WorkflowFailed):
+                await handle.result()
+            return time.monotonic() - start
+
+    assert arun(main()) >= 0.1 + 0.2
+
+
+def test_default_retry_policy_is_finite() -> None:
+    assert 1 < RetryPolicy().max_attempts < 100
+    assert RetryPolicy().max_delay < float("inf")
+
+
+@pytest.mark.parametrize("settings", [
+    {"max_attempts": 0}, {"max_attempts": 1.5}, {"max_attempts": True}, {"initial_delay": -1},
+    {"backoff": 0.5}, {"max_delay": -1}, {"jitter": 2}, {"initial_delay": "1"},
+])
+def test_bad_retry_policy_is_refused(settings: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput):
+        RetryPolicy(**settings)
+
+
+class Declined(Permanent):
+    pass
+
+
+@pytest.mark.parametrize("exc", [Permanent("no"), Declined("no")])
+def test_permanent_errors_are_never_retried(db: Path, exc: Exception) -> None:
+    dur = Durable(db, retry=FAST)
+    calls = 0
+
+    def step() -> None:
+        nonlocal calls
+        calls += 1
+        raise exc
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(step)
+
+    async def main() -> WorkflowFailed:
+        async with dur:
+            with pytest.raises(WorkflowFailed) as info:
+                await (await dur.run("p", wf)).result()
+            return info.value
+
+    failed = arun(main())
+    assert calls == 1
+    assert (failed.error_type, failed.message, failed.step) == (type(exc).__name__, "no", "step")
+
+
+def test_uncaught_step_failure_fails_the_workflow_with_type_and_message(db: Path) -> None:
+    dur = Durable(db, retry=FAST)
+
+    def step() -> None:
+        raise ConnectionRefusedError("payment gateway down")
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(step)
+
+    async def main() -> Any:
+        async with dur:
+            handle = await dur.run("f", wf)
+            with pytest.raises(WorkflowFailed, match="payment gateway down") as info:
+                await handle.result()
+            return info.value, await handle.status(), await handle.done()
+
+    failed, status, done = arun(main())
+    assert failed.error_type == "ConnectionRefusedError"
+    assert status.state == "failed" and done
+    assert status.error["type"] == "ConnectionRefusedError"
+    assert [(s.state, s.attempts) for s in status.steps] == [("failed", 3)]
+
+
+def test_step_returning_non_json_fails_without_retrying(db: Path) -> None:
+    dur = Durable(db, retry=FAST)
+    calls = 0
+
+    def step() -> object:
+        nonlocal calls
+        calls += 1
+        return object()
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(step)
+
+    async def main() -> WorkflowFailed:
+        async with dur:
+            with pytest.raises(WorkflowFailed) as info:
+                await (await dur.run("nj", wf)).result()
+            return info.value
+
+    assert arun(main()).message.startswith("the step returned a value that is not JSON")
+    assert calls == 1
+
+
+def test_workflow_returning_non_json_or_yielding_a_non_step_fails_clearly(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def bad_result(ctx):
+        yield ctx.run(str)
+        return {1, 2}
+
+    @dur.register
+    def bad_yield(ctx):
+        yield 42
+
+    async def main() -> list[str]:
+        messages = []
+        async with dur:
+            for wf in (bad_result, bad_yield):
+                with pytest.raises(WorkflowFailed) as info:
+                    await (await dur.run(wf.__name__, wf)).result()
+                messages.append(info.value.message)
+        return messages
+
+    returned, yielded = arun(main())
+    assert "not JSON" in returned
+    assert "yielded 42" in yielded
+
+
+# Replay and restarts in one process (close, then open again).
+
+
+def test_replay_returns_journaled_results_and_reraises_recorded_step_failures(
+        db: Path) -> None:
+    ran: list[str] = []
+    blocker: dict[str, asyncio.Event] = {}
+
+    def build() -> tuple[Durable, Any]:
+        dur = Durable(db, retry=FAST)
+
+        def reserve() -> str:
+            ran.append("reserve")
+            return "r-1"
+
+        def charge() -> None:
+            ran.append("charge")
+            raise Permanent("declined")
+
+        def release(r: str) -> str:
+            ran.append("release")
+            return r
+
+        async def notify() -> str:
+            ran.append("notify")
+            await blocker["gate"].wait()
+            return "sent"
+
+        @dur.register(name="order")
+        def wf(ctx):
+            held = yield ctx.run(reserve)
+            try:
+                yield ctx.run(charge)
+            except StepFailed as exc:
+                yield ctx.run(release, held)
+                note = yield ctx.run(notify)
+                return {"failed": exc.message, "note": note}
+            return None
+
+        return dur, wf
+
+    async def first() -> None:
+        blocker["gate"] = asyncio.Event()  # never set: the workflow stops inside notify
+        dur, wf = build()
+        async with dur:
+            await dur.run("o1", wf)
+            while "notify" not in ran:
+                await asyncio.sleep(0.01)
+
+    async def second() -> Any:
+        blocker["gate"] = asyncio.Event()
+        blocker["gate"].set()
+        dur, _ = build()
+        async with dur:  # resumes o1
+            return await (await dur.get("o1")).result()
+
+    arun(first())
+    assert ran == ["reserve", "charge", "release", "notify"]
+    assert arun(second()) == {"failed": "declined", "note": "sent"}
+    # Only the unfinished step ran again; the recorded failure was replayed, not re-run.
+    assert ran == ["reserve", "charge", "release", "notify", "notify"]
+
+
+def test_changed_step_fails_the_workflow_with_nondeterminism_and_keeps_the_journal(
+        db: Path) -> None:
+    gate = asyncio.Event
+
+    def build(second_step: Any) -> tuple[Durable, Any]:
+        dur = Durable(db)
+
+        @dur.register(name="flow")
+        async def wf(ctx):
+            await ctx.run(str, "a")
+            with contextlib.suppress(NonDeterminismError):  # even caught, it fails the workflow
+                await ctx.run(second_step)
+            return "finished"
+
+        return dur, wf
+
+    async def hang() -> None:
+        await gate().wait()
+
+    async def renamed() -> None:
+        return None
+
+    async def first() -> None:
+        dur, wf = build(hang)
+        async with dur:
+            await dur.run("nd", wf)
+            while count(db, "steps") < 2:
+                await asyncio.sleep(0.01)
+
+    async def second() -> WorkflowFailed:
+        dur, _ = build(renamed)
+        async with dur:
+            with pytest.raises(WorkflowFailed) as info:
+                await (await dur.get("nd")).result()
+            return info.value
+
+    arun(first())
+    failed = arun(second())
+    assert failed.error_type == "NonDeterminismError"
+    assert "'renamed'" in failed.message and "'hang'" in failed.message
+    assert [(s, n) for s, n, *_ in _journal_of(db, "nd")] == [(1, "str"), (2, "hang")]
+
+
+# Handles.
+
+
+def test_get_of_an_unknown_id_raises_not_found(db: Path) -> None:
+    async def main() -> None:
+        async with Durable(db) as dur:
+            with pytest.raises(NotFound, match="no workflow has id 'ghost'"):
+                await dur.get("ghost")
+
+    arun(main())
+
+
+def test_handle_reports_done_status_and_times_out_while_running(db: Path) -> None:
+    dur = Durable(db)
+    gate = threading.Event()
+
+    @dur.register
+    def wf(ctx, n):
+        yield ctx.run(gate.wait, 10)
+        return n
+
+    async def main() -> None:
+        async with dur:
+            handle = await dur.run("h", wf, 5)
+            assert not await handle.done()
+            with pytest.raises(TimeoutError):
+                await handle.result(timeout=0.05)
+            status = await handle.status()
+            assert status.state in ("pending", "running") and status.finished_at is None
+            gate.set()
+            assert await handle.result() == 5
+            assert await handle.done()
+            status = await (await dur.get("h")).status()
+            assert (status.id, status.state, status.result) == ("h", "done", 5)
+            assert status.created_at <= status.updated_at <= status.finished_at
+            assert [(s.seq, s.name, s.state) for s in status.steps] == [(1, "Event.wait", "done")]
+
+    arun(main())
+
+
+# Recovery after a process dies.
+
+
+def test_owner_liveness_uses_pid_and_process_start_time() -> None:
+    host, pid = socket.gethostname(), os.getpid()
+    me = f"{host}|{pid}|{durable._process_start(pid)}|n"
+    assert not durable._owner_is_dead(me, host)
+    # The same pid with another start time is a reused pid: the old owner is gone.
+    assert durable._owner_is_dead(f"{host}|{pid}|0:12345|n", host)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert durable._owner_is_dead(f"{host}|{child.pid}|{durable._process_start(pid)}|n", host)
+    # A process on another machine is not judged from here.
+    assert not durable._owner_is_dead(f"elsewhere|{child.pid}|x|n", host)
+
+
+def _recovery_fixture(db: Path, owner: str | None) -> tuple[Durable, Any, list[str]]:
+    """A journal with workflow 'rec' stopped after step 1, held by `owner`."""
+    ran: list[str] = []
+
+    def build() -> tuple[Durable, Any]:
+        dur = Durable(db)
+
+        @dur.register(name="rec")
+        def wf(ctx):
+            yield ctx.run(ran.append, "one")
+            yield ctx.run(ran.append, "two")
+            return len(ran)
+
+        return dur, wf
+
+    dur, wf = build()
+
+    async def start() -> None:
+        async with dur:
+            await (await dur.run("rec", wf)).result()
+
+    arun(start())
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM steps WHERE seq = 2")
+        conn.execute("UPDATE workflows SET state = 'running', result = NULL, finished_at = NULL,"
+                     " owner = ?", (owner,))
+    ran.clear()
+    dur, wf = build()
+    return dur, wf, ran
+
+
+def _resumes(dur: Durable) -> bool:
+    async def main() -> bool:
+        async with dur:
+            await asyncio.sleep(0.2)
+            return await (await dur.get("rec")).done()
+
+    return bool(arun(main()))
+
+
+def test_open_resumes_unfinished_workflows_of_a_dead_owner_at_once(db: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    owner = f"{socket.gethostname()}|{child.pid}|{durable._process_start(os.getpid())}|x"
+    dur, _, ran = _recovery_fixture(db, owner)
+    assert _resumes(dur)
+    assert ran == ["two"]  # step one was replayed from the journal
+
+
+def test_open_resumes_a_workflow_whose_owner_pid_was_reused(db: Path) -> None:
+    dur, _, ran = _recovery_fixture(db, f"{socket.gethostname()}|{os.getpid()}|0:1|x")
+    assert _resumes(dur)
+    assert ran == ["two"]
+
+
+def test_open_resumes_workflows_that_no_process_holds(db: Path) -> None:
+    dur, _, ran = _recovery_fixture(db, None)
+    assert _resumes(dur)
+    assert ran == ["two"]
+
+
+def test_open_leaves_workflows_of_a_live_owner_alone(db: Path) -> None:
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        owner = f"{socket.gethostname()}|{live.pid}|{durable._process_start(live.pid)}|x"
+        dur, _, ran = _recovery_fixture(db, owner)
+        assert not _resumes(dur)
+        assert ran == []
+        assert rows(db, "SELECT owner FROM workflows") == [(owner,)]
+    finally:
+        live.kill()
+        live.wait()
+
+
+# Real processes killed in the middle of a step.
+
+WORKER = textwrap.dedent("""
+    import asyncio, json, os, sys, time
+    from durable import Durable, RetryPolicy, WorkflowFailed
+
+    db, marks, mode = sys.argv[1:4]
+    dur = Durable(db, retry=RetryPolicy(max_attempts=3, initial_delay=0))
+
+    def mark(name):
+        with open(marks, "a") as f:
+            f.write(name + "\\n")
+
+    def step1(x):
+        mark("step1")
+        return x + 1
+
+    def step2(x):
+        mark("step2")
+        if mode == "hang":
+            time.sleep(60)         # the test kills the process here
+        if mode == "poison":
+            os._exit(17)           # dies on every attempt
+        return x * 10
+
+    def step2_renamed(x):
+        mark("step2_renamed")
+        return x * 10
+
+    def step3(x):
+        mark("step3")
+        return x - 1
+
+    @dur.register(name="three")
+    def three(ctx, x):
+        a = yield ctx.run(step1, x)
+        b = yield ctx.run(step2_renamed if mode == "changed" else step2, a)
+        return (yield ctx.run(step3, b))
+
+    async def main():
+        async with dur:
+            handle = await dur.run("wf-1", three, 1)
+            try:
+                print(json.dumps({"result": await handle.result(timeout=30)}))
+            except WorkflowFailed as exc:
+                print(json.dumps({"failed": exc.error_type, "message": exc.message}))
+
+    asyncio.run(main())
+""")
+
+
+class Worker:
+    def __init__(self, tmp_path: Path) -> None:
+        self.script = tmp_path / "worker.py"
+        self.script.write_text(WORKER)
+        self.db = tmp_path / "crash.db"
+        self.marks = tmp_path / "marks.txt"
+        self.env = {**os.environ, "PYTHONPATH": str(HERE)}
+
+    def start(self, mode: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, str(self.script), str(self.db), str(self.marks), mode],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def finish(self, mode: str) -> dict[str, Any]:
+        proc = self.start(mode)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        return dict(json.loads(out))
+
+    def ran(self) -> list[str]:
+        return self.marks.read_text().split() if self.marks.exists() else []
+
+    def kill_inside_step2(self) -> None:
+        proc = self.start("hang")
+        deadline = time.monotonic() + 30
+        while "step2" not in self.ran():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+
+
+def test_process_killed_inside_step_two_is_finished_by_the_next_process(tmp_path: Path) -> None:
+    worker = Worker(tmp_path)
+    worker.kill_inside_step2()
+    assert worker.finish("normal") == {"result": 19}
+    # Step 1 was journaled before the kill, so only step 2 ran again.
+    assert worker.ran() == ["step1", "step2", "step2", "step3"]
+
+
+def test_poison_step_stops_after_max_attempts_across_restarts(tmp_path: Path) -> None:
+    worker = Worker(tmp_path)
+    for _ in range(3):
+        proc = worker.start("poison")
+        proc.communicate(timeout=60)
+        assert proc.returncode == 17
+    # Attempt 3 of 3 was journaled before it died: the next start gives up on the step.
+    outcome = worker.finish("poison")
+    assert outcome["failed"] == "Interrupted"
+    assert worker.ran() == ["step1"] + ["step2"] * 3
+    (state, attempts), = rows(worker.db, "SELECT state, attempts FROM steps WHERE seq = 2")
+    assert (state, attempts) == ("failed", 3)
+
+
+def test_step_replaced_between_crash_and_restart_fails_with_nondeterminism(
+        tmp_path: Path) -> None:
+    worker = Worker(tmp_path)
+    worker.kill_inside_step2()
+    outcome = worker.finish("changed")
+    assert outcome["failed"] == "NonDeterminismError"
+    assert "'step2_renamed'" in outcome["message"] and "'step2'" in outcome["message"]
+    assert worker.ran() == ["step1", "step2"]  # the new step never ran
+    assert rows(worker.db, "SELECT seq, name FROM steps ORDER BY seq") == [
+        (1, "step1"), (2, "step2")]
