@@ -266,9 +266,10 @@ def _name_of(fn: Callable[..., Any]) -> str:
 # CODEC: JSON only, never pickle, so whoever can write the file cannot run code.
 
 
-def _dumps(value: Any) -> str:
-    # Canonical form: sorted keys and no spaces, so equal values hash equally.
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+def _dumps(value: Any, *, canonical: bool = False) -> str:
+    # Compact, strict JSON (no NaN). Canonical form also sorts keys, so that equal
+    # values hash equally; stored values keep the caller's key order.
+    return json.dumps(value, sort_keys=canonical, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
 
 
@@ -1029,11 +1030,12 @@ class Durable:
             raise InvalidInput(f"arguments do not fit workflow {workflow.name!r}: {exc}") from None
         try:
             text = _dumps({"args": list(args), "kwargs": kwargs})
+            canonical = _dumps([workflow.name, list(args), kwargs], canonical=True)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(
                 f"arguments of workflow {workflow.name!r} must be JSON-serializable: {exc}"
             ) from None
-        digest = hashlib.sha256(f"{workflow.name}\0{text}".encode()).hexdigest()
+        digest = hashlib.sha256(canonical.encode()).hexdigest()
         owner, name = self._owner, workflow.name
 
         def insert(conn: sqlite3.Connection) -> bool:
