@@ -1,0 +1,396 @@
+"""The order service: durable.py behind a Starlette endpoint.
+
+POST /orders answers 202 at once and runs validate -> reserve -> charge -> confirm
+as a durable workflow. Kill the process at any moment: the next start finishes the
+order, and the customer is charged once, because every outside call carries a key
+derived from the order id.
+
+    python app.py                    # 127.0.0.1:8000 (HOST, PORT), journal orders.db (DURABLE_DB)
+    FLAKY=reserve python app.py      # reserve fails once per order, then succeeds on retry
+    CRASH_AT=charge python app.py    # dies inside charge, after charging, before the checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from durable import Durable, IdempotencyConflict, NotFound, Permanent, StepFailed
+
+HOST = os.environ.get("HOST", "127.0.0.1")
+PORT = int(os.environ.get("PORT", "8000"))
+DURABLE_DB = os.environ.get("DURABLE_DB", "orders.db")
+# The fake providers keep their own file, as real ones keep their own systems.
+PROVIDERS_DB = os.environ.get("PROVIDERS_DB", os.path.splitext(DURABLE_DB)[0] + "-providers.db")
+FLAKY = os.environ.get("FLAKY", "")
+CRASH_AT = os.environ.get("CRASH_AT", "")
+# Test-only: the payment provider ignores idempotency keys, to show what they prevent.
+PAYMENT_KEYS = os.environ.get("PAYMENT_KEYS", "on") != "off"
+
+MAX_BODY = 64 * 1024
+DECLINED_CUSTOMER = "cus_declined"  # the fake card network declines this customer
+STOCK = {"widget-pro": 1_000_000, "widget-cable": 1_000_000, "widget-limited": 3}
+
+log = logging.getLogger("orders")
+
+
+# FAKE PROVIDERS: inventory, payments and email, each honouring idempotency keys.
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, available INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reservations (
+    key TEXT PRIMARY KEY, order_id TEXT NOT NULL, items TEXT NOT NULL,
+    released INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS charges (
+    key TEXT PRIMARY KEY, charge_id TEXT NOT NULL, order_id TEXT NOT NULL,
+    amount INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    key TEXT PRIMARY KEY, order_id TEXT NOT NULL, recipient TEXT NOT NULL,
+    subject TEXT NOT NULL, created_at REAL NOT NULL);
+"""
+
+
+class UnknownSku(Permanent):
+    pass
+
+
+class OutOfStock(Permanent):
+    pass
+
+
+class CardDeclined(Permanent):
+    pass
+
+
+class FlakyNetwork(ConnectionError):
+    """The transient failure FLAKY injects: retried, unlike the Permanent errors."""
+
+
+@contextlib.contextmanager
+def providers(*, write: bool = True) -> Iterator[sqlite3.Connection]:
+    """One transaction on the providers' file; a write takes the lock up front."""
+    conn = sqlite3.connect(PROVIDERS_DB, timeout=30, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+
+
+def setup_providers() -> None:
+    with contextlib.closing(sqlite3.connect(PROVIDERS_DB, timeout=30)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(_SCHEMA)
+    with providers() as conn:
+        conn.executemany("INSERT OR IGNORE INTO stock (sku, available) VALUES (?, ?)",
+                         STOCK.items())
+
+
+# STEPS: plain functions; durable.py runs them in worker threads.
+
+_flaked: set[tuple[str, str]] = set()
+_flaked_lock = threading.Lock()
+
+
+def demo_switches(step: str, order_id: str) -> None:
+    """FLAKY: fail the step's first attempt in this process (before its effect)."""
+    if step == FLAKY:
+        with _flaked_lock:
+            first = (step, order_id) not in _flaked
+            _flaked.add((step, order_id))
+        if first:
+            log.info("[%s] order %s - FLAKY: failing this attempt", step, order_id)
+            raise FlakyNetwork(f"{step} provider timed out (FLAKY={step})")
+
+
+def crash_point(step: str, order_id: str) -> None:
+    """CRASH_AT: exit hard after the step's outside effect, before its checkpoint."""
+    if step == CRASH_AT:
+        log.info("[%s] order %s - CRASH_AT: exiting hard before the checkpoint", step, order_id)
+        logging.shutdown()
+        os._exit(3)
+
+
+def dollars(cents: int) -> str:
+    return f"${cents // 100}.{cents % 100:02d}"
+
+
+def validate(order: dict[str, Any]) -> int:
+    demo_switches("validate", order["id"])
+    with providers(write=False) as conn:
+        known = {sku for sku, in conn.execute("SELECT sku FROM stock")}
+    for item in order["items"]:
+        if item["sku"] not in known:
+            raise UnknownSku(f"unknown SKU {item['sku']!r}")
+    total = sum(item["qty"] * item["price"] for item in order["items"])
+    log.info("[validate] order %s - %d item(s), total %s", order["id"], len(order["items"]),
+             dollars(total))
+    crash_point("validate", order["id"])
+    return total
+
+
+def reserve(order: dict[str, Any], key: str) -> str:
+    demo_switches("reserve", order["id"])
+    with providers() as conn:
+        if not conn.execute("SELECT 1 FROM reservations WHERE key = ?", (key,)).fetchone():
+            for item in order["items"]:
+                left = conn.execute("UPDATE stock SET available = available - ? "
+                                    "WHERE sku = ? AND available >= ?",
+                                    (item["qty"], item["sku"], item["qty"])).rowcount
+                if not left:
+                    raise OutOfStock(f"not enough stock of {item['sku']!r} for {item['qty']}")
+            conn.execute("INSERT INTO reservations (key, order_id, items, created_at) "
+                         "VALUES (?, ?, ?, ?)",
+                         (key, order["id"], json.dumps(order["items"]), time.time()))
+    units = sum(item["qty"] for item in order["items"])
+    log.info("[reserve] order %s - %d unit(s) reserved", order["id"], units)
+    crash_point("reserve", order["id"])
+    return key
+
+
+def release(order_id: str, key: str) -> bool:
+    with providers() as conn:
+        row = conn.execute("SELECT items FROM reservations WHERE key = ? AND released = 0",
+                           (key,)).fetchone()
+        if row:
+            for item in json.loads(row[0]):
+                conn.execute("UPDATE stock SET available = available + ? WHERE sku = ?",
+                             (item["qty"], item["sku"]))
+            conn.execute("UPDATE reservations SET released = 1 WHERE key = ?", (key,))
+    log.info("[release] order %s - reserved stock released", order_id)
+    return True
+
+
+def charge(order: dict[str, Any], amount: int, key: str) -> str:
+    demo_switches("charge", order["id"])
+    if order["customer"]["id"] == DECLINED_CUSTOMER:
+        raise CardDeclined(f"card of customer {DECLINED_CUSTOMER} was declined")
+    if not PAYMENT_KEYS:
+        key = f"{key}/{secrets.token_hex(4)}"  # what a provider without keys amounts to
+    with providers() as conn:
+        row = conn.execute("SELECT charge_id FROM charges WHERE key = ?", (key,)).fetchone()
+        if row:
+            charge_id, what = row[0], "already charged with key " + key
+        else:
+            charge_id, what = f"ch_{secrets.token_hex(8)}", "charged"
+            conn.execute("INSERT INTO charges (key, charge_id, order_id, amount, created_at) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (key, charge_id, order["id"], amount, time.time()))
+    log.info("[charge] order %s - %s %s (%s)", order["id"], what, dollars(amount), charge_id)
+    crash_point("charge", order["id"])
+    return charge_id
+
+
+def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> bool:
+    demo_switches("confirm", order["id"])
+    email = order["customer"]["email"]
+    with providers() as conn:
+        conn.execute("INSERT OR IGNORE INTO outbox (key, order_id, recipient, subject, "
+                     "created_at) VALUES (?, ?, ?, ?, ?)",
+                     (key, order["id"], email,
+                      f"Order {order['id']}: {dollars(amount)} charged ({charge_id})",
+                      time.time()))
+    log.info("[confirm] order %s - confirmation sent to %s", order["id"], email)
+    crash_point("confirm", order["id"])
+    return True
+
+
+# THE WORKFLOW.
+
+dur = Durable(DURABLE_DB)
+
+
+@dur.register
+def process_order(ctx, order):
+    total = yield ctx.run(validate, order)
+    reservation = yield ctx.run(reserve, order, f"{ctx.id}/reserve")
+    try:
+        charge_id = yield ctx.run(charge, order, total, f"{ctx.id}/charge")
+    except StepFailed:
+        yield ctx.run(release, order["id"], reservation)  # compensate, then fail the order
+        raise
+    yield ctx.run(confirm, order, total, charge_id, f"{ctx.id}/confirm")
+    return {"orderId": order["id"], "inventoryReserved": True, "paymentCharged": True,
+            "confirmationSent": True, "total": total, "chargeId": charge_id}
+
+
+# VALIDATION AT THE DOOR.
+
+_ORDER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def _text(value: Any, field: str, pattern: re.Pattern[str] | None = None,
+          limit: int = 64) -> str | None:
+    if not isinstance(value, str):
+        return f"field '{field}' must be a string"
+    if not value or len(value) > limit:
+        return f"field '{field}' must be 1-{limit} characters"
+    if pattern is not None and not pattern.fullmatch(value):
+        return f"field '{field}' is not valid"
+    return None
+
+
+def _count(value: Any, field: str, low: int) -> str | None:
+    # JSON true/false are not numbers here, nor are 2.0 or 1e3.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"field '{field}' must be an integer"
+    if not low <= value <= 1_000_000_000:
+        return f"field '{field}' must be between {low} and 1000000000"
+    return None
+
+
+def validate_order(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The order, or the message of a 400 naming what is wrong."""
+    try:
+        order = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, "body is not valid JSON"
+    if not isinstance(order, dict):
+        return None, "body must be a JSON object"
+    for field in ("id", "customer", "items"):
+        if field not in order:
+            return None, f"field '{field}' is missing"
+    if extra := sorted(set(order) - {"id", "customer", "items"}):
+        return None, f"field '{extra[0]}' is not allowed"
+    if error := _text(order["id"], "id", _ORDER_ID):
+        return None, error + " (1-64 letters, digits, '_', '-', '.')"
+    customer = order["customer"]
+    if not isinstance(customer, dict):
+        return None, "field 'customer' must be an object"
+    for field in ("id", "email"):
+        if field not in customer:
+            return None, f"field 'customer.{field}' is missing"
+    if extra := sorted(set(customer) - {"id", "email"}):
+        return None, f"field 'customer.{extra[0]}' is not allowed"
+    if error := (_text(customer["id"], "customer.id")
+                 or _text(customer["email"], "customer.email", _EMAIL, 254)):
+        return None, error
+    items = order["items"]
+    if not isinstance(items, list) or not 1 <= len(items) <= 100:
+        return None, "field 'items' must be a list of 1-100 items"
+    for i, item in enumerate(items):
+        where = f"items[{i}]"
+        if not isinstance(item, dict):
+            return None, f"field '{where}' must be an object"
+        for field in ("sku", "qty", "price"):
+            if field not in item:
+                return None, f"field '{where}.{field}' is missing"
+        if extra := sorted(set(item) - {"sku", "qty", "price"}):
+            return None, f"field '{where}.{extra[0]}' is not allowed"
+        if error := (_text(item["sku"], f"{where}.sku") or _count(item["qty"], f"{where}.qty", 1)
+                     or _count(item["price"], f"{where}.price", 0)):
+            return None, error
+    return order, None
+
+
+# ENDPOINTS.
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request) -> bytes | None:
+    """The body, or None when it is over MAX_BODY (without reading past the limit)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
+
+
+async def create_order(request: Request) -> JSONResponse:
+    body = await read_body(request)
+    if body is None:
+        return error(413, f"body is over {MAX_BODY // 1024} KiB")
+    order, problem = validate_order(body)
+    if order is None:
+        return error(400, problem or "invalid order")
+    try:
+        handle = await dur.run(order["id"], process_order, order)
+    except IdempotencyConflict:
+        return error(422, f"order {order['id']!r} already exists with a different body; "
+                          "use a new id")
+    headers = {} if handle.created else {"Idempotent-Replayed": "true"}
+    return JSONResponse({"status": "accepted", "orderId": order["id"],
+                         "statusUrl": f"/orders/{order['id']}/status"},
+                        status_code=202, headers=headers)
+
+
+async def order_status(request: Request) -> JSONResponse:
+    try:
+        status = await (await dur.get(request.path_params["order_id"])).status()
+    except NotFound:
+        return JSONResponse({"status": "not_found"}, status_code=404)
+    if status.state == "done":
+        return JSONResponse({"status": "done", "result": status.result})
+    if status.state == "failed":
+        err = status.error or {}
+        return JSONResponse({"status": "failed", "error": {
+            "type": err.get("type"), "message": err.get("message"), "step": err.get("step")}})
+    if status.state == "cancelled":
+        return JSONResponse({"status": "cancelled"})
+    body: dict[str, Any] = {"status": "processing"}
+    if status.steps:
+        body["step"], body["attempt"] = status.steps[-1].name, status.steps[-1].attempts
+    return JSONResponse(body)
+
+
+def list_charges(request: Request) -> JSONResponse:  # sync: Starlette runs it in a thread
+    with providers(write=False) as conn:
+        rows = conn.execute("SELECT order_id, charge_id, amount, key FROM charges "
+                            "ORDER BY created_at, rowid").fetchall()
+    return JSONResponse({"charges": [
+        {"orderId": o, "chargeId": c, "amount": a, "idempotencyKey": k} for o, c, a, k in rows]})
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    setup_providers()
+    if not PAYMENT_KEYS:
+        log.warning("PAYMENT_KEYS=off: the payment provider ignores idempotency keys "
+                    "(a test setting: a crash at charge now charges twice)")
+    async with dur:  # opens the journal and resumes unfinished orders
+        yield
+
+
+routes = [
+    Route("/orders", create_order, methods=["POST"]),
+    Route("/orders/{order_id}/status", order_status, methods=["GET"]),
+    Route("/charges", list_charges, methods=["GET"]),
+]
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s",
+                    datefmt="%H:%M:%S")
+app = Starlette(routes=routes, lifespan=lifespan)
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host=HOST, port=PORT)
