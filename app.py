@@ -369,6 +369,12 @@ def list_charges(request: Request) -> JSONResponse:  # sync: Starlette runs it i
         {"orderId": o, "chargeId": c, "amount": a, "idempotencyKey": k} for o, c, a, k in rows]})
 
 
+def list_stock(request: Request) -> JSONResponse:
+    with providers(write=False) as conn:
+        rows = conn.execute("SELECT sku, available FROM stock ORDER BY sku").fetchall()
+    return JSONResponse({"stock": dict(rows)})
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     setup_providers()
@@ -383,6 +389,7 @@ routes = [
     Route("/orders", create_order, methods=["POST"]),
     Route("/orders/{order_id}/status", order_status, methods=["GET"]),
     Route("/charges", list_charges, methods=["GET"]),
+    Route("/inventory", list_stock, methods=["GET"]),
 ]
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s",

@@ -1,0 +1,345 @@
+"""End-to-end tests of the order service: a real uvicorn in a subprocess, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+ORDER: dict[str, Any] = {
+    "id": "ord_1001",
+    "customer": {"id": "cus_alice", "email": "alice@example.com"},
+    "items": [{"sku": "widget-pro", "qty": 2, "price": 2999},
+              {"sku": "widget-cable", "qty": 1, "price": 999}],
+}
+
+
+def order(**changes: Any) -> dict[str, Any]:
+    body = copy.deepcopy(ORDER)
+    body.update(changes)
+    return body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """`python app.py` on a free loopback port, with its files in one folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.logs: list[Path] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **env: str) -> Service:
+        log = self.folder / f"server-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "app.py")], cwd=self.folder, stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
+                     "DURABLE_DB": str(self.folder / "orders.db"), **env},
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc.poll() is None, self.log()
+            try:
+                httpx.get(f"{self.url}/charges", timeout=1)
+                return self
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, self.log()
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def wait_for_exit(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def post(self, body: Any, **kwargs: Any) -> httpx.Response:
+        if not isinstance(body, bytes | str):
+            body = json.dumps(body)
+        return httpx.post(f"{self.url}/orders", content=body, timeout=10, **kwargs)
+
+    def status(self, order_id: str) -> httpx.Response:
+        return httpx.get(f"{self.url}/orders/{order_id}/status", timeout=10)
+
+    def finished(self, order_id: str, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            body = dict(self.status(order_id).json())
+            if body["status"] not in ("processing", "not_found"):
+                return body
+            assert time.monotonic() < deadline, (body, self.log())
+            time.sleep(0.05)
+
+    def charges(self) -> list[dict[str, Any]]:
+        return list(httpx.get(f"{self.url}/charges", timeout=10).json()["charges"])
+
+    def stock(self) -> dict[str, int]:
+        return dict(httpx.get(f"{self.url}/inventory", timeout=10).json()["stock"])
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    svc = Service(tmp_path)
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def step_lines(log: str, step: str, order_id: str) -> list[str]:
+    return [line for line in log.splitlines() if f"[{step}] order {order_id} " in line]
+
+
+# The contract's table, row by row.
+
+
+def test_new_order_is_accepted_with_202_and_finishes_done(service: Service) -> None:
+    service.start()
+    response = service.post(ORDER)
+    assert response.status_code == 202
+    assert response.json() == {"status": "accepted", "orderId": "ord_1001",
+                               "statusUrl": "/orders/ord_1001/status"}
+    assert "idempotent-replayed" not in response.headers
+    done = service.finished("ord_1001")
+    charge_id = done["result"]["chargeId"]
+    assert done == {"status": "done", "result": {
+        "orderId": "ord_1001", "inventoryReserved": True, "paymentCharged": True,
+        "confirmationSent": True, "total": 6997, "chargeId": charge_id}}
+    assert service.charges() == [{"orderId": "ord_1001", "chargeId": charge_id,
+                                  "amount": 6997, "idempotencyKey": "ord_1001/charge"}]
+    assert "[validate] order ord_1001 - 2 item(s), total $69.97" in service.log()
+
+
+def test_same_body_again_is_replayed_and_runs_nothing_again(service: Service) -> None:
+    service.start()
+    first = service.post(ORDER)
+    service.finished("ord_1001")
+    again = service.post(ORDER)
+    assert again.status_code == 202
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    time.sleep(0.2)
+    log = service.log()
+    for step in ("validate", "reserve", "charge", "confirm"):
+        assert len(step_lines(log, step, "ord_1001")) == 1, log
+
+
+def test_same_id_with_a_different_body_is_422_and_leaves_the_first_order(
+        service: Service) -> None:
+    service.start()
+    service.post(ORDER)
+    first = service.finished("ord_1001")
+    response = service.post(order(items=[{"sku": "widget-pro", "qty": 9, "price": 2999}]))
+    assert response.status_code == 422
+    assert "ord_1001" in response.json()["error"]
+    assert service.finished("ord_1001") == first
+    assert len(service.charges()) == 1
+
+
+def test_running_order_reports_processing_with_its_step(service: Service) -> None:
+    service.start(FLAKY="reserve")  # the retry wait keeps the order running a moment
+    service.post(ORDER)
+    body = service.status("ord_1001").json()
+    assert body["status"] == "processing"
+    assert set(body) <= {"status", "step", "attempt"}
+    assert service.finished("ord_1001")["status"] == "done"
+
+
+def test_unknown_id_is_404_not_found(service: Service) -> None:
+    service.start()
+    response = service.status("ord_nope")
+    assert (response.status_code, response.json()) == (404, {"status": "not_found"})
+
+
+def test_body_over_64_kib_is_413(service: Service) -> None:
+    service.start()
+    big = order(customer={"id": "cus_alice", "email": "alice@example.com", "x": "y" * 70_000})
+    response = service.post(big)
+    assert response.status_code == 413
+    assert "64 KiB" in response.json()["error"]
+    # Without a Content-Length header, the body is cut off at the limit as it streams in.
+    chunks = (b"x" * 16_384 for _ in range(8))
+    response = httpx.post(f"{service.url}/orders", content=chunks, timeout=10)
+    assert response.status_code == 413
+    assert service.status("ord_1001").status_code == 404
+
+
+MALFORMED: list[tuple[Any, str]] = [
+    (b"not json", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    ([ORDER], "JSON object"),
+    (b"\"ord_1001\"", "JSON object"),
+    (b"42", "JSON object"),
+    ({k: v for k, v in ORDER.items() if k != "id"}, "'id'"),
+    ({k: v for k, v in ORDER.items() if k != "customer"}, "'customer'"),
+    ({k: v for k, v in ORDER.items() if k != "items"}, "'items'"),
+    (order(id=""), "'id'"),
+    (order(id=1001), "'id'"),
+    (order(id="ord 1001"), "'id'"),
+    (order(id="x" * 65), "'id'"),
+    (order(id="ord/1001"), "'id'"),
+    (order(extra=1), "'extra'"),
+    (order(customer="cus_alice"), "'customer'"),
+    (order(customer={"id": "cus_alice"}), "'customer.email'"),
+    (order(customer={"id": "cus_alice", "email": "not-an-email"}), "'customer.email'"),
+    (order(customer={"id": 7, "email": "a@b.co"}), "'customer.id'"),
+    (order(items=[]), "'items'"),
+    (order(items={"sku": "widget-pro"}), "'items'"),
+    (order(items=["widget-pro"]), "'items[0]'"),
+    (order(items=[{"sku": "widget-pro", "price": 1}]), "'items[0].qty'"),
+    (order(items=[{"sku": "widget-pro", "qty": True, "price": 1}]), "'items[0].qty'"),
+    (order(items=[{"sku": "widget-pro", "qty": 2.0, "price": 1}]), "'items[0].qty'"),
+    (order(items=[{"sku": "widget-pro", "qty": 0, "price": 1}]), "'items[0].qty'"),
+    (order(items=[{"sku": "widget-pro", "qty": "2", "price": 1}]), "'items[0].qty'"),
+    (order(items=[{"sku": "widget-pro", "qty": 1, "price": 9.99}]), "'items[0].price'"),
+    (order(items=[{"sku": "widget-pro", "qty": 1, "price": -1}]), "'items[0].price'"),
+    (order(items=[{"sku": "widget-pro", "qty": 1, "price": False}]), "'items[0].price'"),
+    (order(items=[{"sku": "", "qty": 1, "price": 1}]), "'items[0].sku'"),
+    (order(items=[ORDER["items"][0], {"sku": "w", "qty": 1, "price": 1, "note": 1}]),
+     "'items[1].note'"),
+]
+
+
+def test_malformed_bodies_are_400_naming_the_problem_and_write_nothing(
+        service: Service) -> None:
+    service.start()
+    for body, expected in MALFORMED:
+        response = service.post(body)
+        assert response.status_code == 400, (body, response.text)
+        assert expected in response.json()["error"], (body, response.json())
+    # Nothing was written: the only id used above is still unknown, and nothing ran.
+    assert service.status("ord_1001").status_code == 404
+    assert service.charges() == []
+    with sqlite3.connect(service.folder / "orders.db") as conn:
+        assert conn.execute("SELECT count(*) FROM workflows").fetchone() == (0,)
+
+
+def test_declined_card_releases_the_reserved_stock_and_fails_the_order(
+        service: Service) -> None:
+    service.start()
+    before = service.stock()["widget-limited"]
+    declined = order(id="ord_declined", customer={"id": "cus_declined", "email": "d@e.co"},
+                     items=[{"sku": "widget-limited", "qty": before, "price": 500}])
+    service.post(declined)
+    failed = service.finished("ord_declined")
+    assert failed["status"] == "failed"
+    assert failed["error"]["type"] == "CardDeclined"
+    assert "declined" in failed["error"]["message"]
+    assert service.stock()["widget-limited"] == before  # released by the compensating step
+    assert service.charges() == []
+    log = service.log()
+    assert len(step_lines(log, "charge", "ord_declined")) == 0  # never retried, never charged
+    assert len(step_lines(log, "release", "ord_declined")) == 1
+    # The released stock can be sold again.
+    service.post(order(id="ord_after", items=[{"sku": "widget-limited", "qty": before,
+                                               "price": 500}]))
+    assert service.finished("ord_after")["status"] == "done"
+
+
+@pytest.mark.parametrize("items, error_type", [
+    ([{"sku": "widget-nope", "qty": 1, "price": 100}], "UnknownSku"),
+    ([{"sku": "widget-limited", "qty": 4, "price": 100}], "OutOfStock"),
+])
+def test_business_failures_are_permanent_and_not_retried(
+        service: Service, items: list[dict[str, Any]], error_type: str) -> None:
+    service.start()
+    service.post(order(id="ord_bad", items=items))
+    failed = service.finished("ord_bad")
+    assert (failed["status"], failed["error"]["type"]) == ("failed", error_type)
+    assert "retrying" not in service.log()
+    assert service.charges() == []
+
+
+def test_flaky_step_is_retried_in_process_and_the_order_finishes(service: Service) -> None:
+    service.start(FLAKY="reserve")
+    service.post(ORDER)
+    assert service.finished("ord_1001")["status"] == "done"
+    log = service.log()
+    assert "FLAKY: failing this attempt" in log
+    assert "step 'reserve' attempt 1/5 failed (FlakyNetwork" in log
+    assert len(step_lines(log, "reserve", "ord_1001")) == 2  # the failure, then the success
+    assert len(service.charges()) == 1
+
+
+# Crashes.
+
+
+def crash_at_charge_then_restart(service: Service, **env: str) -> dict[str, Any]:
+    service.start(CRASH_AT="charge", **env)
+    assert service.post(ORDER).status_code == 202
+    assert service.wait_for_exit() == 3  # died inside charge, after charging
+    service.start(**env)  # a plain restart
+    return service.finished("ord_1001")
+
+
+def test_crash_at_charge_then_restart_finishes_with_exactly_one_charge(
+        service: Service) -> None:
+    done = crash_at_charge_then_restart(service)
+    assert done["status"] == "done"
+    charges = service.charges()
+    assert len(charges) == 1 and charges[0]["chargeId"] == done["result"]["chargeId"]
+    log = service.log()
+    # validate and reserve were journaled before the crash: they never ran again.
+    assert len(step_lines(log, "validate", "ord_1001")) == 1
+    assert len(step_lines(log, "reserve", "ord_1001")) == 1
+    assert "already charged with key ord_1001/charge" in log
+
+
+def test_without_payment_keys_the_same_crash_charges_twice(service: Service) -> None:
+    # The counterfactual: the journal alone cannot stop the second charge; the key does.
+    done = crash_at_charge_then_restart(service, PAYMENT_KEYS="off")
+    assert done["status"] == "done"
+    assert len(service.charges()) == 2
+
+
+def test_64_concurrent_identical_posts_make_one_workflow_and_one_charge(
+        service: Service) -> None:
+    service.start()
+
+    async def storm() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
+            return await asyncio.gather(*(
+                client.post("/orders", content=json.dumps(ORDER)) for _ in range(64)))
+
+    responses = asyncio.run(storm())
+    assert [r.status_code for r in responses] == [202] * 64
+    fresh = [r for r in responses if "idempotent-replayed" not in r.headers]
+    assert len(fresh) == 1
+    assert service.finished("ord_1001")["status"] == "done"
+    assert len(service.charges()) == 1
+    assert len(step_lines(service.log(), "validate", "ord_1001")) == 1
