@@ -126,7 +126,7 @@ _INSERT_WORKFLOW = """
     INSERT INTO workflows (id, name, input, input_hash, state, owner, created_at, updated_at)
     VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
     ON CONFLICT (id) DO NOTHING"""
-_SELECT_IDENTITY = "SELECT name, input_hash FROM workflows WHERE id = ?"
+_SELECT_IDENTITY = "SELECT name, input_hash, state, owner FROM workflows WHERE id = ?"
 # Fencing: every checkpoint starts with this; it matches only while the writer owns
 # the workflow and the workflow is unfinished.
 _TOUCH_WORKFLOW = """
@@ -163,6 +163,10 @@ _SELECT_OWNED_STEPS = """
     SELECT s.workflow_id, s.seq, s.name, s.state, s.attempts, s.result, s.error
     FROM steps s JOIN workflows w ON w.id = s.workflow_id
     WHERE w.owner = ? AND w.state IN ('pending', 'running')"""
+_SELECT_INPUT = "SELECT id, name, input FROM workflows WHERE id = ?"
+_SELECT_REPLAY = """
+    SELECT workflow_id, seq, name, state, attempts, result, error
+    FROM steps WHERE workflow_id = ?"""
 _RELEASE = """
     UPDATE workflows SET owner = NULL
     WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
@@ -251,6 +255,10 @@ def _check_id(workflow_id: object) -> None:
         raise InvalidInput(f"a workflow id must be a string, not {type(workflow_id).__name__}")
     if not workflow_id:
         raise InvalidInput("a workflow id must not be empty")
+    try:
+        workflow_id.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput(f"a workflow id must be valid Unicode, not {workflow_id!r}") from None
     if len(workflow_id) > _MAX_ID_LENGTH:
         raise InvalidInput(
             f"a workflow id must be at most {_MAX_ID_LENGTH} characters, not {len(workflow_id)}"
@@ -269,8 +277,10 @@ def _name_of(fn: Callable[..., Any]) -> str:
 def _dumps(value: Any, *, canonical: bool = False) -> str:
     # Compact, strict JSON (no NaN). Canonical form also sorts keys, so that equal
     # values hash equally; stored values keep the caller's key order.
-    return json.dumps(value, sort_keys=canonical, separators=(",", ":"), ensure_ascii=False,
+    text = json.dumps(value, sort_keys=canonical, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
+    text.encode()  # a lone surrogate cannot be stored: refuse it here, not in the writer
+    return text
 
 
 def _loads(text: str | None) -> Any:
@@ -631,7 +641,7 @@ class Context:
         self._seq = 0
         self._abort: BaseException | None = None
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
-        self._inflight: asyncio.Future[Any] | None = None
+        self._inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self._flush_due = False
 
     @property
@@ -651,12 +661,17 @@ class Context:
         `name` is the step's name in the journal (default: the function's name)."""
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise InvalidInput(f"a step name must be a non-empty string, not {name!r}")
         return _StepOptions(self, name, retry)
 
     async def _execute(self, call: _StepCall[Any]) -> Any:
         if call._ctx is not self:
             raise InvalidInput("a step made by another workflow's ctx.run() was awaited here")
         if self._abort is not None:
+            raise self._abort
+        if self._durable._closing:
+            self._abort = _Interrupted("the journal is closing")
             raise self._abort
         self._seq += 1
         seq, name = self._seq, call.name
@@ -720,13 +735,16 @@ class Context:
     async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Commit `statements` (with any deferred ones) if this process still owns the
         workflow; otherwise stop the workflow with _Interrupted."""
+        if self._durable._closing:
+            self._abort = _Interrupted("the journal is closing")
+            raise self._abort
         statements, self._pending = self._pending + statements, []
         future = self._durable._write_fenced(self._id, self._owner, statements)
         future.add_done_callback(_retrieve)
+        inflight, self._inflight = self._inflight, []
         try:
-            if self._inflight is not None:
-                inflight, self._inflight = self._inflight, None
-                await inflight
+            for earlier in inflight:  # committed no later than `future`, in queue order
+                await earlier
             await future
         except (DurableError, _Interrupted) as exc:
             self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
@@ -745,7 +763,7 @@ class Context:
             statements, self._pending = self._pending, []
             future = self._durable._write_fenced(self._id, self._owner, statements)
             future.add_done_callback(_retrieve)
-            self._inflight = future
+            self._inflight.append(future)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -772,7 +790,10 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context) -> Any:
             except StepFailed as exc:
                 failure = exc
     finally:
-        gen.close()
+        try:
+            gen.close()
+        except RuntimeError as exc:  # it yielded again in a `finally`: keep the first error
+            _log.warning("workflow %r ignored its shutdown: %s", ctx.id, exc)
 
 
 # HANDLE: a workflow seen from outside.
@@ -855,6 +876,10 @@ class Durable:
         self._names: dict[Callable[..., Any], str] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._stepping: dict[str, int] = {}  # workflow id -> sync steps in threads
+        self._stalls: dict[str, int] = {}  # workflow id -> failed journal writes in a row
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._host = socket.gethostname()
         self._owner = ""
         self._writer: _Writer | None = None
@@ -884,6 +909,9 @@ class Durable:
         function unchanged."""
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
+        if isinstance(fn, str):
+            raise InvalidInput(f"register() takes the workflow function; to name it "
+                               f"{fn!r}, write @dur.register(name={fn!r})")
 
         def decorate(f: _F) -> _F:
             if inspect.isgeneratorfunction(f):
@@ -912,9 +940,14 @@ class Durable:
 
         return decorate if fn is None else decorate(fn)
 
-    def _workflow(self, fn: Callable[..., Any] | str) -> _Workflow:
-        name = fn if isinstance(fn, str) else self._names.get(fn)
-        workflow = self._registry.get(name) if name is not None else None
+    def _workflow(self, fn: object) -> _Workflow:
+        if isinstance(fn, str):
+            workflow = self._registry.get(fn)
+        elif callable(fn):
+            name = self._names.get(fn)
+            workflow = self._registry.get(name) if name is not None else None
+        else:
+            raise InvalidInput(f"a workflow is a registered function or its name, not {fn!r}")
         if workflow is None:
             raise InvalidInput(f"{fn!r} is not a registered workflow; decorate it with "
                                "@dur.register first")
@@ -945,39 +978,53 @@ class Durable:
             raise
         pid = os.getpid()
         self._owner = f"{self._host}|{pid}|{_process_start(pid)}|{secrets.token_hex(4)}"
+        self._closing = False
         self._reader = reader
         self._writer = _Writer(write_conn, loop)
         self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="durable-step")
         await self._recover()
 
-    async def close(self) -> None:
+    async def close(self, *, grace: float = 5.0) -> None:
         """Stop running workflows (they stay unfinished in the journal and resume at the
-        next open), hand back the ones no step thread still works on, and close."""
+        next open), hand them back so another process may take them, and close.
+
+        A sync step cannot be interrupted: close() waits up to `grace` seconds for step
+        threads to return (their results are dropped). A workflow whose step thread is
+        still running then stays held by this process until the process exits, so
+        that no other process runs the same workflow at the same time."""
         writer, reader, pool = self._writer, self._reader, self._pool
-        if writer is None or reader is None or pool is None:
+        if writer is None or reader is None or pool is None or self._closing:
             return
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        owned = await self._read(_SELECT_OWNED, (self._owner,))
-        idle = [wf_id for wf_id, _, _ in owned if wf_id not in self._stepping]
-        owner = self._owner
+        self._closing = True  # from here no step starts and no checkpoint is written
+        for timer in self._timers:
+            timer.cancel()
+        while self._running or self._background:
+            tasks = [*self._running.values(), *self._background]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._stepping and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        owner, stepping = self._owner, set(self._stepping)
 
         def release(conn: sqlite3.Connection) -> None:
-            conn.executemany(_RELEASE, [(wf_id, owner) for wf_id in idle])
+            # In the writer, after every queued insert: none is left held by nobody.
+            owned = [row[0] for row in conn.execute(_SELECT_OWNED, (owner,))]
+            conn.executemany(_RELEASE, [(i, owner) for i in owned if i not in stepping])
 
         with contextlib.suppress(DurableError):
             await writer.submit(release)
-        loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, writer.stop)
         writer._conn.close()
-        reader_conn = self._reader_conn
-        if reader_conn is not None:
-            await loop.run_in_executor(reader, reader_conn.close)
+        if self._reader_conn is not None:
+            await loop.run_in_executor(reader, self._reader_conn.close)
         reader.shutdown(wait=True)
         pool.shutdown(wait=False, cancel_futures=True)
         self._writer = self._reader = self._pool = self._reader_conn = None
+        self._timers.clear()
+        self._stalls.clear()
 
     def _open_writer(self) -> _Writer:
         if self._writer is None:
@@ -986,18 +1033,25 @@ class Durable:
 
     # Journal access.
 
-    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    async def _query(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `fn` on the reader connection, in the reader thread."""
         self._open_writer()
         conn, reader = self._reader_conn, self._reader
         assert conn is not None and reader is not None
 
-        def query() -> list[Any]:
+        def query() -> _T:
             try:
-                return conn.execute(sql, params).fetchall()
+                return fn(conn)
             except sqlite3.Error as exc:
                 raise JournalError(f"journal read failed: {exc}") from None
 
-        return await asyncio.get_running_loop().run_in_executor(reader, query)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(reader, query)
+        except RuntimeError:  # the executor shut down under us
+            raise DurableError(f"{self!r} was closed") from None
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        return await self._query(lambda conn: conn.execute(sql, params).fetchall())
 
     def _write_fenced(self, workflow_id: str, owner: str,
                       statements: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
@@ -1022,6 +1076,8 @@ class Durable:
         Arguments must be JSON; the workflow receives them as JSON gives them back.
         """
         writer = self._open_writer()
+        if self._closing:
+            raise DurableError(f"{self!r} is closing; no new workflow can start")
         workflow = self._workflow(fn)
         _check_id(id)
         try:
@@ -1038,11 +1094,12 @@ class Durable:
         digest = hashlib.sha256(canonical.encode()).hexdigest()
         owner, name = self._owner, workflow.name
 
-        def insert(conn: sqlite3.Connection) -> bool:
+        def insert(conn: sqlite3.Connection) -> tuple[bool, str, str | None]:
             now = time.time()
             if conn.execute(_INSERT_WORKFLOW, (id, name, text, digest, owner, now, now)).rowcount:
-                return True
-            known_name, known_digest = conn.execute(_SELECT_IDENTITY, (id,)).fetchone()
+                return True, "pending", owner
+            known_name, known_digest, state, known_owner = conn.execute(
+                _SELECT_IDENTITY, (id,)).fetchone()
             if known_name != name:
                 raise IdempotencyConflict(
                     f"workflow {id!r} already exists as {known_name!r}, not {name!r}; "
@@ -1053,21 +1110,34 @@ class Durable:
                     f"workflow {id!r} already exists with different arguments; use a new id "
                     "or the same arguments"
                 )
-            return False
+            return False, state, known_owner
 
-        created = bool(await writer.submit(insert))
-        if created:
-            self._start(id, workflow, text, {})
+        def start(future: asyncio.Future[tuple[bool, str, str | None]]) -> None:
+            # A callback, not code after the await: the workflow starts even if the
+            # caller of run() is cancelled once the insert is queued.
+            if not future.cancelled() and future.exception() is None and future.result()[0]:
+                self._start(id, workflow, text, {})
+
+        future = writer.submit(insert)
+        future.add_done_callback(start)
+        created, state, known_owner = await asyncio.shield(future)
+        if not created and state in _UNFINISHED and id not in self._running and (
+                known_owner is None or known_owner == owner
+                or _owner_is_dead(known_owner, self._host)):
+            await self._resume([(id, known_owner)])  # recorded, but nobody runs it
         return Handle(self, id, created)
 
     async def get(self, id: str) -> Handle:
         """The handle of an existing workflow; raises NotFound for an unknown id."""
+        _check_id(id)
         if not await self._read(_SELECT_OUTCOME, (id,)):
             raise NotFound(f"no workflow has id {id!r}")
         return Handle(self, id, False)
 
     def _start(self, workflow_id: str, workflow: _Workflow, text: str,
                journal: dict[int, _JournaledStep]) -> None:
+        if self._closing or workflow_id in self._running:
+            return
         task = asyncio.get_running_loop().create_task(
             self._run_workflow(workflow_id, workflow, text, journal),
             name=f"durable:{workflow_id}",
@@ -1086,6 +1156,13 @@ class Durable:
                     value = await _drive(workflow.fn(ctx, *data["args"], **data["kwargs"]), ctx)
                 if ctx._abort is not None:
                     raise ctx._abort
+                if ctx._journal:
+                    seq = min(ctx._journal)
+                    raise NonDeterminismError(
+                        f"workflow {workflow_id!r} ended after {ctx._seq} step(s), but the "
+                        f"journal has step {seq} {ctx._journal[seq].name!r}: the code changed "
+                        "under a running workflow"
+                    )
                 try:
                     outcome: tuple[str, str | None, str | None] = ("done", _dumps(value), None)
                 except (TypeError, ValueError) as exc:
@@ -1101,33 +1178,42 @@ class Durable:
                 raise ctx._abort
             now = time.time()
             await ctx._write([(_FINISH_WORKFLOW, (*outcome, now, now, workflow_id))])
+            self._stalls.pop(workflow_id, None)
         except _Interrupted as stop:
-            cause = stop.args[0] if stop.args else stop
-            _log.warning("workflow %r stopped without an outcome and stays unfinished: %s",
-                         workflow_id, cause)
+            if isinstance(stop, _Fenced):
+                _log.warning("workflow %r stopped here: %s", workflow_id, stop)
+            elif not self._closing:
+                cause = stop.args[0] if stop.args else stop
+                self._retry_later(workflow_id, cause)
         finally:
-            self._running.pop(workflow_id, None)
+            if self._running.get(workflow_id) is asyncio.current_task():
+                del self._running[workflow_id]
 
     async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
         assert self._pool is not None
-        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        future = asyncio.get_running_loop().run_in_executor(self._pool, call)
+        loop = asyncio.get_running_loop()
+        thread_future = self._pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
         # Counted until the thread returns, even if the workflow is cancelled first:
         # close() must not hand a workflow to another process while its step still runs.
         self._stepping[workflow_id] = self._stepping.get(workflow_id, 0) + 1
-        future.add_done_callback(functools.partial(self._step_thread_done, workflow_id))
-        value = await future
+
+        def thread_done(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
+                loop.call_soon_threadsafe(self._step_thread_done, workflow_id)
+
+        thread_future.add_done_callback(thread_done)
+        value = await asyncio.wrap_future(thread_future)
         if inspect.isawaitable(value):
             value = await value
         return value
 
-    def _step_thread_done(self, key: str, _: object) -> None:
-        left = self._stepping.pop(key, 1) - 1
+    def _step_thread_done(self, workflow_id: str) -> None:
+        left = self._stepping.pop(workflow_id, 1) - 1
         if left:
-            self._stepping[key] = left
+            self._stepping[workflow_id] = left
 
     async def _wait(self, workflow_id: str) -> tuple[str, str | None, str | None]:
         """Wait until the workflow is finished; return its state, result and error."""
@@ -1142,15 +1228,22 @@ class Durable:
             if rows[0][0] in _FINISHED:
                 return rows[0][0], rows[0][1], rows[0][2]
             if workflow_id not in self._running:
-                # Running in another process (or not yet resumed): look again later.
+                # Running in another process, or waiting to be resumed: look again later.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     async def _status(self, workflow_id: str) -> Status:
-        rows = await self._read(_SELECT_WORKFLOW, (workflow_id,))
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            conn.execute("BEGIN")  # one snapshot for the workflow and its steps
+            try:
+                return (conn.execute(_SELECT_WORKFLOW, (workflow_id,)).fetchall(),
+                        conn.execute(_SELECT_STEPS, (workflow_id,)).fetchall())
+            finally:
+                conn.execute("COMMIT")
+
+        rows, steps = await self._query(read)
         if not rows:
             raise NotFound(f"no workflow has id {workflow_id!r}")
-        steps = await self._read(_SELECT_STEPS, (workflow_id,))
         wf_id, name, state, result, error, created, updated, finished = rows[0]
         return Status(
             wf_id, name, state, _loads(result), _loads(error), created, updated, finished,
@@ -1163,9 +1256,8 @@ class Durable:
     # Recovery.
 
     async def _recover(self) -> None:
-        """Claim every unfinished workflow registered here whose owner is gone (none,
-        or a dead process on this machine), then resume each from its journal."""
-        writer = self._open_writer()
+        """Resume every unfinished workflow registered here whose owner is gone (none,
+        or a dead process on this machine)."""
         unfinished = await self._read(_SELECT_UNFINISHED, ())
         orphans: list[tuple[str, str | None]] = []
         strangers: dict[str, int] = {}
@@ -1179,22 +1271,69 @@ class Durable:
         for name, count in strangers.items():
             _log.warning("%d unfinished workflow(s) named %r are not registered here; left "
                          "for a process that registers them", count, name)
-        if not orphans:
-            return
+        if orphans:
+            resumed = await self._resume(orphans)
+            _log.info("resumed %d unfinished workflow(s) from %s", resumed, self.path)
+
+    async def _resume(self, candidates: list[tuple[str, str | None]]) -> int:
+        """Claim each (id, expected owner) whose owner is still the expected one, then
+        start it from its journal. Returns how many were started."""
         me = self._owner
 
-        def claim(conn: sqlite3.Connection) -> None:
+        def claim(conn: sqlite3.Connection) -> list[str]:
             now = time.time()
-            conn.executemany(_CLAIM, [(me, now, wf_id, owner) for wf_id, owner in orphans])
+            return [wf_id for wf_id, owner in candidates
+                    if conn.execute(_CLAIM, (me, now, wf_id, owner)).rowcount]
 
-        await writer.submit(claim)
+        claimed = await self._open_writer().submit(claim)
+
+        def load(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            conn.execute("BEGIN")
+            try:
+                if len(claimed) > 64:  # many: two scans beat a query per workflow
+                    return (conn.execute(_SELECT_OWNED, (me,)).fetchall(),
+                            conn.execute(_SELECT_OWNED_STEPS, (me,)).fetchall())
+                workflows, steps = [], []
+                for wf_id in claimed:
+                    workflows += conn.execute(_SELECT_INPUT, (wf_id,)).fetchall()
+                    steps += conn.execute(_SELECT_REPLAY, (wf_id,)).fetchall()
+                return workflows, steps
+            finally:
+                conn.execute("COMMIT")
+
+        workflows, steps = await self._query(load) if claimed else ([], [])
         journals: dict[str, dict[int, _JournaledStep]] = {}
-        for wf_id, seq, *step in await self._read(_SELECT_OWNED_STEPS, (me,)):
+        for wf_id, seq, *step in steps:
             journals.setdefault(wf_id, {})[seq] = _JournaledStep(*step)
-        owned = await self._read(_SELECT_OWNED, (me,))
-        for wf_id, name, text in owned:
-            if wf_id not in self._running:
+        wanted = set(claimed)
+        started = 0
+        for wf_id, name, text in workflows:
+            if wf_id in wanted and wf_id not in self._running and name in self._registry:
                 self._start(wf_id, self._registry[name], text, journals.get(wf_id, {}))
-        _log.info("resumed %d unfinished workflow(s) from %s", len(owned), self.path)
+                started += 1
+        return started
 
+    def _retry_later(self, workflow_id: str, cause: object) -> None:
+        """The journal refused a write (locked, full, read-only): the workflow stays
+        unfinished and held here; resume it from its journal after a pause."""
+        tries = self._stalls[workflow_id] = self._stalls.get(workflow_id, 0) + 1
+        delay = min(30.0, 0.1 * 2 ** tries)
+        _log.warning("workflow %r could not write its journal (%s); resuming it in %.1fs",
+                     workflow_id, cause, delay)
+        loop = asyncio.get_running_loop()
 
+        def resume() -> None:
+            self._timers.discard(timer)
+            if not self._closing:
+                task = loop.create_task(self._resume_held(workflow_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+        timer = loop.call_later(delay, resume)
+        self._timers.add(timer)
+
+    async def _resume_held(self, workflow_id: str) -> None:
+        try:
+            await self._resume([(workflow_id, self._owner)])
+        except DurableError as exc:
+            self._retry_later(workflow_id, exc)

@@ -1113,3 +1113,236 @@ def test_step_replaced_between_crash_and_restart_fails_with_nondeterminism(
     assert worker.ran() == ["step1", "step2"]  # the new step never ran
     assert rows(worker.db, "SELECT seq, name FROM steps ORDER BY seq") == [
         (1, "step1"), (2, "step2")]
+
+
+# Shutdown, cancellation and journal trouble.
+
+
+def test_close_waits_for_a_running_sync_step_then_hands_the_workflow_back(db: Path) -> None:
+    spans: list[tuple[float, float]] = []
+
+    def slow() -> int:
+        start = time.monotonic()
+        time.sleep(0.3)
+        spans.append((start, time.monotonic()))
+        return 1
+
+    def build() -> Durable:
+        dur = Durable(db)
+        dur.register(name="slow")(lambda_free_workflow(slow))
+        return dur
+
+    async def main() -> Any:
+        dur = build()
+        async with dur:
+            await dur.run("s", "slow")
+            await asyncio.sleep(0.05)  # the step's thread is running
+        assert rows(db, "SELECT owner FROM workflows") == [(None,)]
+        async with build() as again:
+            return await (await again.get("s")).result()
+
+    assert arun(main()) == 1
+    # The second run of the step began only after the first thread had returned.
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1]
+
+
+def lambda_free_workflow(step: Any) -> Any:
+    def wf(ctx):
+        return (yield ctx.run(step))
+    return wf
+
+
+def test_close_keeps_holding_a_workflow_whose_step_thread_outlives_the_grace(db: Path) -> None:
+    gate = threading.Event()
+    dur = Durable(db)
+    dur.register(name="stuck")(lambda_free_workflow(lambda: gate.wait(10)))
+
+    async def main() -> None:
+        async with dur:
+            await dur.run("s", "stuck")
+            await asyncio.sleep(0.05)
+            owner = dur._owner
+            await dur.close(grace=0)
+        # Still held by this (live) process: no other process may run it meanwhile.
+        assert rows(db, "SELECT owner FROM workflows") == [(owner,)]
+        gate.set()
+
+    arun(main())
+
+
+def test_run_cancelled_after_its_insert_was_queued_still_starts_the_workflow(db: Path) -> None:
+    dur = Durable(db)
+    ran: list[int] = []
+    dur.register(name="w")(lambda_free_workflow(lambda: ran.append(1)))
+
+    async def main() -> Any:
+        async with dur:
+            call = asyncio.create_task(dur.run("c", "w"))
+            await asyncio.sleep(0)  # run() has queued its insert
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            while count(db, "workflows") == 0:  # the insert commits on its own
+                await asyncio.sleep(0.01)
+            return await (await dur.get("c")).result(timeout=5)
+
+    arun(main())
+    assert ran == [1]
+
+
+def test_run_racing_close_leaves_a_workflow_that_the_next_open_runs(db: Path) -> None:
+    ran: list[int] = []
+
+    def build() -> Durable:
+        dur = Durable(db)
+        dur.register(name="w")(lambda_free_workflow(lambda: ran.append(1)))
+        return dur
+
+    async def main() -> Any:
+        dur = build()
+        await dur.open()
+        call = asyncio.create_task(dur.run("r", "w"))
+        await asyncio.sleep(0)
+        await dur.close()
+        assert (await call).created
+        assert rows(db, "SELECT state, owner FROM workflows") == [("pending", None)]
+        async with build() as again:
+            return await (await again.get("r")).result(timeout=5)
+
+    arun(main())
+    assert ran == [1]
+
+
+@pytest.mark.parametrize("form", ["generator", "async"])
+def test_steps_in_finally_do_not_run_while_closing_and_the_workflow_resumes(
+        db: Path, form: str) -> None:
+    ran: list[str] = []
+
+    async def slow() -> str:
+        ran.append("slow")
+        await asyncio.sleep(0.2)
+        return "ok"
+
+    def cleanup() -> None:
+        ran.append("cleanup")
+
+    def build() -> Durable:
+        dur = Durable(db)
+        if form == "generator":
+            @dur.register(name="f")
+            def wf(ctx):
+                try:
+                    return (yield ctx.run(slow))
+                finally:
+                    yield ctx.run(cleanup)
+        else:
+            @dur.register(name="f")
+            async def wf(ctx):
+                try:
+                    return await ctx.run(slow)
+                finally:
+                    await ctx.run(cleanup)
+        return dur
+
+    async def main() -> Any:
+        async with build() as dur:
+            await dur.run("f1", "f")
+            await asyncio.sleep(0.05)
+        # A deploy is not a failure: nothing recorded, the cleanup step did not run.
+        assert rows(db, "SELECT state FROM workflows") == [("running",)]
+        assert ran == ["slow"]
+        async with build() as dur:
+            return await (await dur.get("f1")).result(timeout=5)
+
+    assert arun(main()) == "ok"
+    assert ran == ["slow", "slow", "cleanup"]
+
+
+def test_journal_locked_past_busy_timeout_delays_the_workflow_then_it_finishes(
+        db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dur = Durable(db, busy_timeout=0.05)
+    gate = threading.Event()
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(gate.wait, 10)
+        return (yield ctx.run(str, "done"))
+
+    async def main() -> Any:
+        async with dur:
+            handle = await dur.run("l", wf)
+            blocker = sqlite3.connect(db, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            gate.set()
+            await asyncio.sleep(0.4)
+            assert not await handle.done()
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            return await handle.result(timeout=10)
+
+    with caplog.at_level(logging.WARNING, logger="durable"):
+        assert arun(main()) == "done"
+    assert "could not write its journal" in caplog.text
+    assert "database is locked" in caplog.text
+
+
+def test_code_with_fewer_steps_than_the_journal_fails_with_nondeterminism(db: Path) -> None:
+    gate: dict[str, asyncio.Event] = {}
+
+    async def block() -> None:
+        await gate["e"].wait()
+
+    def build(steps: int) -> Durable:
+        dur = Durable(db)
+
+        @dur.register(name="n")
+        async def wf(ctx):
+            await ctx.run(str, "a")
+            if steps == 2:
+                await ctx.run(block)
+            return "end"
+
+        return dur
+
+    async def main() -> WorkflowFailed:
+        gate["e"] = asyncio.Event()
+        async with build(2) as dur:
+            await dur.run("n1", "n")
+            while count(db, "steps") < 2:
+                await asyncio.sleep(0.01)
+        async with build(1) as dur:
+            with pytest.raises(WorkflowFailed) as info:
+                await (await dur.get("n1")).result(timeout=5)
+            return info.value
+
+    failed = arun(main())
+    assert failed.error_type == "NonDeterminismError"
+    assert "'block'" in failed.message
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda dur: dur.run("\ud800", "w"), "valid Unicode"),
+    (lambda dur: dur.run("ok", "w", "\udc80"), "JSON"),
+    (lambda dur: dur.run("ok", [1]), "registered function"),
+    (lambda dur: dur.get(["x"]), "must be a string"),
+])
+def test_odd_input_gets_a_clear_error_and_writes_nothing(db: Path, call: Any,
+                                                         message: str) -> None:
+    dur = Durable(db)
+
+    @dur.register(name="w")
+    def wf(ctx, *args):
+        yield ctx.run(str)
+
+    async def main() -> None:
+        async with dur:
+            with pytest.raises(InvalidInput, match=message):
+                await call(dur)
+
+    arun(main())
+    assert count(db, "workflows") == 0
+
+
+def test_register_with_a_string_says_to_use_name(db: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"register\(name="):
+        Durable(db).register("orders.v2")
