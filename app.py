@@ -190,13 +190,14 @@ def charge(order: dict[str, Any], amount: int, key: str) -> str:
     with providers() as conn:
         row = conn.execute("SELECT charge_id FROM charges WHERE key = ?", (key,)).fetchone()
         if row:
-            charge_id, what = row[0], "already charged with key " + key
+            charge_id, what = row[0], "already charged"
         else:
             charge_id, what = f"ch_{secrets.token_hex(8)}", "charged"
             conn.execute("INSERT INTO charges (key, charge_id, order_id, amount, created_at) "
                          "VALUES (?, ?, ?, ?, ?)",
                          (key, charge_id, order["id"], amount, time.time()))
-    log.info("[charge] order %s - %s %s (%s)", order["id"], what, dollars(amount), charge_id)
+    log.info("[charge] order %s - %s %s (%s, key %s)", order["id"], what, dollars(amount),
+             charge_id, key)
     crash_point("charge", order["id"])
     return charge_id
 

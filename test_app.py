@@ -59,7 +59,7 @@ class Service:
                 [sys.executable, str(HERE / "app.py")], cwd=self.folder, stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
-                     "DURABLE_DB": str(self.folder / "orders.db"), **env},
+                     "DURABLE_DB": "orders.db", **env},
             )
         deadline = time.monotonic() + 20
         while True:
@@ -317,7 +317,7 @@ def test_crash_at_charge_then_restart_finishes_with_exactly_one_charge(
     # validate and reserve were journaled before the crash: they never ran again.
     assert len(step_lines(log, "validate", "ord_1001")) == 1
     assert len(step_lines(log, "reserve", "ord_1001")) == 1
-    assert "already charged with key ord_1001/charge" in log
+    assert "[charge] order ord_1001 - already charged $69.97" in log
 
 
 def test_without_payment_keys_the_same_crash_charges_twice(service: Service) -> None:
