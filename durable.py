@@ -99,7 +99,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             result      TEXT,
             error       TEXT,
             owner       TEXT,
-            lease_until REAL,
             created_at  REAL NOT NULL,
             updated_at  REAL NOT NULL,
             finished_at REAL
@@ -118,6 +117,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated_at  REAL NOT NULL,
             finished_at REAL,
             PRIMARY KEY (workflow_id, seq)
+        ) WITHOUT ROWID""",
+        # One row per open Durable: its lease, renewed while it runs. A workflow whose
+        # owner's lease ran out (or whose owner has no row) may be taken over.
+        """CREATE TABLE owners (
+            id          TEXT PRIMARY KEY,
+            expires_at  REAL NOT NULL
         ) WITHOUT ROWID""",
     ),
 )
@@ -151,11 +156,25 @@ _SELECT_STEPS = """
     SELECT seq, name, state, attempts, result, error, started_at, updated_at, finished_at
     FROM steps WHERE workflow_id = ? ORDER BY seq"""
 _SELECT_OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
-_SELECT_UNFINISHED = """
-    SELECT id, name, owner FROM workflows WHERE state IN ('pending', 'running')"""
+_SELECT_ORPHANS = """
+    SELECT w.id, w.name, w.owner, o.expires_at
+    FROM workflows w LEFT JOIN owners o ON o.id = w.owner
+    WHERE w.state IN ('pending', 'running') AND (w.owner IS NULL OR w.owner != ?)"""
+# Takes a workflow from the owner seen a moment ago, only if that owner is still its
+# owner and is known dead (first ?) or holds no live lease (second ?: now).
 _CLAIM = """
     UPDATE workflows SET owner = ?, updated_at = ?
-    WHERE id = ? AND owner IS ? AND state IN ('pending', 'running')"""
+    WHERE id = ? AND owner IS ? AND state IN ('pending', 'running')
+      AND (? OR owner IS NULL OR NOT EXISTS (
+          SELECT 1 FROM owners WHERE owners.id = workflows.owner AND owners.expires_at >= ?))"""
+_RENEW_OWNER = """
+    INSERT INTO owners (id, expires_at) VALUES (?, ?)
+    ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"""
+_DELETE_OWNER = "DELETE FROM owners WHERE id = ?"
+_FORGET_OWNERS = """
+    DELETE FROM owners WHERE expires_at < ? AND id NOT IN (
+        SELECT owner FROM workflows
+        WHERE state IN ('pending', 'running') AND owner IS NOT NULL)"""
 _SELECT_OWNED = """
     SELECT id, name, input FROM workflows
     WHERE owner = ? AND state IN ('pending', 'running')"""
@@ -247,7 +266,11 @@ class _Fenced(_Interrupted):
     """Another process owns the workflow now, or it is no longer unfinished."""
 
     def __init__(self, workflow_id: str) -> None:
-        super().__init__(f"workflow {workflow_id!r} is no longer held by this process")
+        super().__init__(
+            f"workflow {workflow_id!r} is no longer held by this process (another process "
+            "took it over after this one was paused, stuck or cut off past its lease, or "
+            "it was finished elsewhere); nothing more is recorded from here"
+        )
 
 
 def _check_id(workflow_id: object) -> None:
@@ -852,11 +875,16 @@ class Durable:
         retry: the default RetryPolicy for steps (per workflow: `register(retry=)`,
             per step: `ctx.options(retry=)`).
         max_threads: worker threads for sync steps; more steps wait their turn.
+        lease: seconds a process holds its workflows without renewing (it renews every
+            lease/3 s, at most every 2 s). Another process takes a workflow over when
+            its owner's lease ran out (the owner was paused, stuck, or on a machine that
+            died or was cut off); on the same machine a dead owner is noticed at once.
+            Keep it well above the clock skew between machines sharing the file.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
                  busy_timeout: float = 5.0, retry: RetryPolicy | None = None,
-                 max_threads: int = 32) -> None:
+                 max_threads: int = 32, lease: float = 30.0) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
             raise InvalidInput(f"the journal must be a file path, not {self.path!r}")
@@ -868,10 +896,15 @@ class Durable:
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise InvalidInput(f"max_threads must be an integer >= 1, not {max_threads!r}")
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0:
+            raise InvalidInput(f"lease must be seconds > 0, not {lease!r}")
         self.synchronous = synchronous
         self.busy_timeout = float(busy_timeout)
         self.retry = retry or RetryPolicy()
         self.max_threads = max_threads
+        self.lease = float(lease)
+        # How often the lease is renewed and orphaned workflows are looked for.
+        self._tick = min(self.lease / 3, 2.0)
         self._registry: dict[str, _Workflow] = {}
         self._names: dict[Callable[..., Any], str] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -879,6 +912,7 @@ class Durable:
         self._stalls: dict[str, int] = {}  # workflow id -> failed journal writes in a row
         self._timers: set[asyncio.TimerHandle] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._maintenance: asyncio.Task[None] | None = None
         self._closing = False
         self._host = socket.gethostname()
         self._owner = ""
@@ -982,7 +1016,9 @@ class Durable:
         self._reader = reader
         self._writer = _Writer(write_conn, loop)
         self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="durable-step")
-        await self._recover()
+        await self._renew(forget=True)
+        await self._adopt_orphans(opening=True)
+        self._maintenance = loop.create_task(self._maintain(), name="durable:maintenance")
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop running workflows (they stay unfinished in the journal and resume at the
@@ -998,6 +1034,9 @@ class Durable:
         self._closing = True  # from here no step starts and no checkpoint is written
         for timer in self._timers:
             timer.cancel()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
         while self._running or self._background:
             tasks = [*self._running.values(), *self._background]
             for task in tasks:
@@ -1007,12 +1046,16 @@ class Durable:
         deadline = loop.time() + grace
         while self._stepping and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        owner, stepping = self._owner, set(self._stepping)
+        owner, stepping, lease = self._owner, set(self._stepping), self.lease
 
         def release(conn: sqlite3.Connection) -> None:
             # In the writer, after every queued insert: none is left held by nobody.
             owned = [row[0] for row in conn.execute(_SELECT_OWNED, (owner,))]
             conn.executemany(_RELEASE, [(i, owner) for i in owned if i not in stepping])
+            if stepping:  # held on: let the lease run out instead
+                conn.execute(_RENEW_OWNER, (owner, time.time() + lease))
+            else:
+                conn.execute(_DELETE_OWNER, (owner,))
 
         with contextlib.suppress(DurableError):
             await writer.submit(release)
@@ -1124,7 +1167,7 @@ class Durable:
         if not created and state in _UNFINISHED and id not in self._running and (
                 known_owner is None or known_owner == owner
                 or _owner_is_dead(known_owner, self._host)):
-            await self._resume([(id, known_owner)])  # recorded, but nobody runs it
+            await self._resume([(id, known_owner, True)])  # recorded, but nobody runs it
         return Handle(self, id, created)
 
     async def get(self, id: str) -> Handle:
@@ -1230,7 +1273,7 @@ class Durable:
             if workflow_id not in self._running:
                 # Running in another process, or waiting to be resumed: look again later.
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 0.5)
 
     async def _status(self, workflow_id: str) -> Status:
         def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
@@ -1255,35 +1298,68 @@ class Durable:
 
     # Recovery.
 
-    async def _recover(self) -> None:
-        """Resume every unfinished workflow registered here whose owner is gone (none,
-        or a dead process on this machine)."""
-        unfinished = await self._read(_SELECT_UNFINISHED, ())
-        orphans: list[tuple[str, str | None]] = []
+    async def _renew(self, *, forget: bool = False) -> None:
+        """Renew this process's lease: one row, however many workflows it holds."""
+        me, lease = self._owner, self.lease
+
+        def renew(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute(_RENEW_OWNER, (me, now + lease))
+            if forget:  # leases of processes long gone that hold nothing
+                conn.execute(_FORGET_OWNERS, (now - 10 * lease,))
+
+        await self._open_writer().submit(renew)
+
+    async def _maintain(self) -> None:
+        """Every tick: renew the lease, then take over orphaned workflows."""
+        while True:
+            await asyncio.sleep(self._tick)
+            try:
+                await self._renew()
+                await self._adopt_orphans()
+            except DurableError as exc:
+                _log.warning("could not renew the lease or look for orphaned workflows "
+                             "(%s); trying again in %.1fs", exc, self._tick)
+
+    async def _adopt_orphans(self, *, opening: bool = False) -> int:
+        """Take over every unfinished workflow registered here that no live process
+        holds: no owner, an owner whose lease ran out, or a dead process on this
+        machine (pid and start time tell). Returns how many were started."""
+        now = time.time()
+        candidates: list[tuple[str, str | None, bool]] = []
         strangers: dict[str, int] = {}
-        for wf_id, name, owner in unfinished:
-            if owner is not None and not _owner_is_dead(owner, self._host):
-                continue
+        verdicts: dict[str, bool] = {}
+        for wf_id, name, owner, expires in await self._read(_SELECT_ORPHANS, (self._owner,)):
+            dead = owner is not None and verdicts.setdefault(
+                owner, _owner_is_dead(owner, self._host))
+            if owner is not None and not dead and expires is not None and expires >= now:
+                continue  # a live owner with a live lease
             if name in self._registry:
-                orphans.append((wf_id, owner))
+                candidates.append((wf_id, owner, dead))
             else:
                 strangers[name] = strangers.get(name, 0) + 1
-        for name, count in strangers.items():
-            _log.warning("%d unfinished workflow(s) named %r are not registered here; left "
-                         "for a process that registers them", count, name)
-        if orphans:
-            resumed = await self._resume(orphans)
-            _log.info("resumed %d unfinished workflow(s) from %s", resumed, self.path)
+        if opening:
+            for name, count in strangers.items():
+                _log.warning("%d unfinished workflow(s) named %r are not registered here; "
+                             "left for a process that registers them", count, name)
+        started = await self._resume(candidates) if candidates else 0
+        if opening and started:
+            _log.info("resumed %d unfinished workflow(s) from %s", started, self.path)
+        elif started:
+            _log.info("took over %d workflow(s) whose owner died or whose lease ran out",
+                      started)
+        return started
 
-    async def _resume(self, candidates: list[tuple[str, str | None]]) -> int:
-        """Claim each (id, expected owner) whose owner is still the expected one, then
-        start it from its journal. Returns how many were started."""
+    async def _resume(self, candidates: list[tuple[str, str | None, bool]]) -> int:
+        """Claim each (id, owner seen, owner known dead) whose owner is unchanged and
+        dead or without a live lease, then start it from its journal. Returns how many
+        were started."""
         me = self._owner
 
         def claim(conn: sqlite3.Connection) -> list[str]:
             now = time.time()
-            return [wf_id for wf_id, owner in candidates
-                    if conn.execute(_CLAIM, (me, now, wf_id, owner)).rowcount]
+            return [wf_id for wf_id, owner, dead in candidates
+                    if conn.execute(_CLAIM, (me, now, wf_id, owner, dead, now)).rowcount]
 
         claimed = await self._open_writer().submit(claim)
 
@@ -1334,6 +1410,6 @@ class Durable:
 
     async def _resume_held(self, workflow_id: str) -> None:
         try:
-            await self._resume([(workflow_id, self._owner)])
+            await self._resume([(workflow_id, self._owner, True)])
         except DurableError as exc:
             self._retry_later(workflow_id, exc)

@@ -129,6 +129,7 @@ def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(d
 
 @pytest.mark.parametrize("settings", [
     {"synchronous": "OFF"}, {"busy_timeout": -1}, {"retry": 3}, {"max_threads": 0},
+    {"lease": 0}, {"lease": "30"},
 ])
 def test_bad_settings_are_refused_at_construction(db: Path, settings: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput):
@@ -922,8 +923,10 @@ def test_owner_liveness_uses_pid_and_process_start_time() -> None:
     assert not durable._owner_is_dead(f"elsewhere|{child.pid}|x|n", host)
 
 
-def _recovery_fixture(db: Path, owner: str | None) -> tuple[Durable, Any, list[str]]:
-    """A journal with workflow 'rec' stopped after step 1, held by `owner`."""
+def _recovery_fixture(db: Path, owner: str | None,
+                      lease_left: float | None = 60) -> tuple[Durable, Any, list[str]]:
+    """A journal with workflow 'rec' stopped after step 1, held by `owner`, whose lease
+    has `lease_left` seconds to run (None: the owner has no lease row at all)."""
     ran: list[str] = []
 
     def build() -> tuple[Durable, Any]:
@@ -948,6 +951,9 @@ def _recovery_fixture(db: Path, owner: str | None) -> tuple[Durable, Any, list[s
         conn.execute("DELETE FROM steps WHERE seq = 2")
         conn.execute("UPDATE workflows SET state = 'running', result = NULL, finished_at = NULL,"
                      " owner = ?", (owner,))
+        if owner is not None and lease_left is not None:
+            conn.execute("INSERT INTO owners (id, expires_at) VALUES (?, ?)",
+                         (owner, time.time() + lease_left))
     ran.clear()
     dur, wf = build()
     return dur, wf, ran
@@ -994,6 +1000,38 @@ def test_open_leaves_workflows_of_a_live_owner_alone(db: Path) -> None:
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("lease_left", [-1, None])
+def test_open_takes_over_a_live_owner_whose_lease_ran_out(db: Path,
+                                                          lease_left: float | None) -> None:
+    # A process on another machine (or paused here) that stopped renewing its lease.
+    dur, _, ran = _recovery_fixture(db, "elsewhere|4242|1:1|x", lease_left)
+    assert _resumes(dur)
+    assert ran == ["two"]
+
+
+def test_open_leaves_a_live_lease_of_another_machine_alone(db: Path) -> None:
+    dur, _, ran = _recovery_fixture(db, "elsewhere|4242|1:1|x", 60)
+    assert not _resumes(dur)
+    assert ran == []
+
+
+def test_lease_is_one_row_per_process_renewed_while_open(db: Path) -> None:
+    dur = Durable(db, lease=0.3)
+
+    async def main() -> list[float]:
+        seen = []
+        async with dur:
+            for _ in range(3):
+                (expires,), = rows(db, "SELECT expires_at FROM owners")
+                seen.append(expires)
+                await asyncio.sleep(0.25)
+        assert rows(db, "SELECT count(*) FROM owners") == [(0,)]  # gone after close
+        return seen
+
+    seen = arun(main())
+    assert seen == sorted(seen) and seen[0] < seen[-1]
 
 
 # Real processes killed in the middle of a step.
