@@ -51,12 +51,15 @@ class Service:
         self.logs: list[Path] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        return [sys.executable, str(HERE / "app.py")]
+
     def start(self, **env: str) -> Service:
-        log = self.folder / f"server-{len(self.logs)}.log"
+        log = self.folder / f"server-{self.port}-{len(self.logs)}.log"
         self.logs.append(log)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(HERE / "app.py")], cwd=self.folder, stdout=out,
+                self.command(), cwd=self.folder, stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
                      "DURABLE_DB": "orders.db", **env},

@@ -1,0 +1,237 @@
+"""Several real processes on one journal: racing, takeover after SIGKILL and SIGSTOP,
+fencing, and the order service with several workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from test_app import ORDER, Service
+
+HERE = Path(__file__).resolve().parent
+
+WORKER = textwrap.dedent("""
+    import asyncio, json, logging, os, sys, time
+    from durable import Durable, RetryPolicy
+
+    logging.basicConfig(level=logging.INFO)
+    db, marks, role = sys.argv[1:4]
+    dur = Durable(db, lease=float(os.environ.get("LEASE", "30")),
+                  retry=RetryPolicy(max_attempts=5, initial_delay=0))
+
+    def step(wf_id, name):
+        fd = os.open(marks, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{wf_id} {name} {os.getpid()}\\n".encode())
+        os.close(fd)
+        time.sleep(float(os.environ.get(f"HANG_{name.upper()}", "0")))
+        return os.getpid()
+
+    @dur.register(name="flow")
+    def flow(ctx, n):
+        one = yield ctx.run(step, ctx.id, "one")
+        two = yield ctx.run(step, ctx.id, "two")
+        three = yield ctx.run(step, ctx.id, "three")
+        return [one, two, three]
+
+    async def main():
+        async with dur:
+            if role == "race":
+                while not os.path.exists(marks + ".go"):
+                    await asyncio.sleep(0.005)
+                ids = range(int(os.environ["COUNT"]))
+                handles = await asyncio.gather(*(dur.run(f"wf-{i}", flow, i) for i in ids))
+                results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+                print(json.dumps({"created": sum(h.created for h in handles),
+                                  "results": results}))
+            elif role == "start":
+                handle = await dur.run("wf", flow, 0)
+                print(json.dumps({"result": await handle.result(timeout=60)}))
+            else:  # standby: holds nothing, waits for "wf" to be finished by anyone
+                print(json.dumps({"result": await (await dur.get("wf")).result(timeout=60)}))
+
+    asyncio.run(main())
+""")
+
+
+class Workers:
+    def __init__(self, tmp_path: Path) -> None:
+        self.script = tmp_path / "worker.py"
+        self.script.write_text(WORKER)
+        self.db = tmp_path / "shared.db"
+        self.marks = tmp_path / "marks.txt"
+        self.folder = tmp_path
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, role: str, **env: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, str(self.script), str(self.db), str(self.marks), role],
+            env={**os.environ, "PYTHONPATH": str(HERE), **env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def ran(self) -> list[tuple[str, str, int]]:
+        if not self.marks.exists():
+            return []
+        return [(wf, step, int(pid)) for wf, step, pid in
+                (line.split() for line in self.marks.read_text().splitlines())]
+
+    def wait_for_mark(self, wanted: tuple[str, str], proc: subprocess.Popen[str]) -> None:
+        deadline = time.monotonic() + 30
+        while wanted not in [(wf, step) for wf, step, _ in self.ran()]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    @staticmethod
+    def outcome(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        return dict(json.loads(out)), err
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def test_three_processes_racing_run_on_the_same_ids_run_each_step_once(tmp_path: Path) -> None:
+    workers = Workers(tmp_path)
+    try:
+        procs = [workers.start("race", COUNT="100") for _ in range(3)]
+        time.sleep(1.0)  # all three are open and waiting
+        (tmp_path / "marks.txt.go").touch()
+        outcomes = [workers.outcome(proc)[0] for proc in procs]
+    finally:
+        workers.kill_all()
+    # Between them the processes created each workflow once...
+    assert sum(o["created"] for o in outcomes) == 100
+    # ...every process saw the same results, including for workflows run by another...
+    assert outcomes[0]["results"] == outcomes[1]["results"] == outcomes[2]["results"]
+    # ...and each step body ran exactly once per workflow.
+    counts = Counter((wf, step) for wf, step, _ in workers.ran())
+    assert len(counts) == 300 and set(counts.values()) == {1}
+
+
+def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(tmp_path: Path) -> None:
+    workers = Workers(tmp_path)
+    try:
+        holder = workers.start("start", HANG_TWO="60")
+        workers.wait_for_mark(("wf", "two"), holder)
+        survivor = workers.start("standby")
+        time.sleep(1.0)
+        assert len(workers.ran()) == 2  # the survivor leaves a live owner's work alone
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+        outcome, err = workers.outcome(survivor)
+    finally:
+        workers.kill_all()
+    assert outcome["result"] == [holder.pid, survivor.pid, survivor.pid]
+    assert [(step, pid) for _, step, pid in workers.ran()] == [
+        ("one", holder.pid), ("two", holder.pid), ("two", survivor.pid),
+        ("three", survivor.pid)]
+    assert "took over 1 workflow(s)" in err
+
+
+def test_paused_process_is_taken_over_after_its_lease_and_then_fenced(tmp_path: Path) -> None:
+    workers = Workers(tmp_path)
+    try:
+        holder = workers.start("start", LEASE="1.5", HANG_TWO="3")
+        workers.wait_for_mark(("wf", "two"), holder)
+        holder.send_signal(signal.SIGSTOP)  # alive, but no longer renewing its lease
+        survivor = workers.start("standby", LEASE="1.5", HANG_THREE="2")
+        workers.wait_for_mark(("wf", "three"), survivor)  # taken over, still running
+        holder.send_signal(signal.SIGCONT)  # its step two returns now, too late
+        late, err = workers.outcome(holder)
+        outcome, _ = workers.outcome(survivor)
+        assert outcome["result"] == [holder.pid, survivor.pid, survivor.pid]
+    finally:
+        workers.kill_all()
+    # The paused process reads the survivor's outcome; it recorded nothing itself.
+    assert late["result"] == outcome["result"]
+    assert "is no longer held by this process" in err
+    with sqlite3.connect(workers.db) as conn:
+        steps = conn.execute("SELECT seq, state, result FROM steps ORDER BY seq").fetchall()
+    # Exactly one result for step two: the survivor's, not the late one.
+    assert steps == [(1, "done", str(holder.pid)), (2, "done", str(survivor.pid)),
+                     (3, "done", str(survivor.pid))]
+    assert [step for _, step, _ in workers.ran()] == ["one", "two", "two", "three"]
+
+
+# The order service with several processes on one orders.db.
+
+
+class Uvicorn(Service):
+    """`uvicorn app:app --workers N` instead of `python app.py`."""
+
+    def __init__(self, folder: Path, workers: int) -> None:
+        super().__init__(folder)
+        self.workers = workers
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", str(self.workers), "--app-dir",
+                str(HERE)]
+
+
+def storm(urls: list[str], body: dict[str, Any], count: int) -> list[httpx.Response]:
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(
+                client.post(f"{urls[i % len(urls)]}/orders", content=json.dumps(body),
+                            headers={"connection": "close"})
+                for i in range(count)))
+
+    return asyncio.run(go())
+
+
+def test_uvicorn_with_two_workers_on_one_journal_makes_one_workflow_and_one_charge(
+        tmp_path: Path) -> None:
+    service = Uvicorn(tmp_path, workers=2)
+    try:
+        service.start()
+        responses = storm([service.url], ORDER, 64)
+        assert [r.status_code for r in responses] == [202] * 64
+        assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
+        assert service.finished("ord_1001")["status"] == "done"
+        # Every worker answers with the same status, read from the shared journal.
+        statuses = {service.status("ord_1001").text for _ in range(20)}
+        assert len(statuses) == 1
+        assert len(service.charges()) == 1
+        log = service.log()
+        assert log.count("Started server process") >= 2
+        assert log.count("[charge] order ord_1001 - charged") == 1
+    finally:
+        service.stop()
+
+
+def test_two_services_sharing_one_journal_make_one_workflow_and_one_charge(
+        tmp_path: Path) -> None:
+    one, two = Service(tmp_path), Service(tmp_path)
+    try:
+        one.start()
+        two.start()
+        responses = storm([one.url, two.url], ORDER, 32)
+        assert [r.status_code for r in responses] == [202] * 32
+        assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
+        assert one.finished("ord_1001") == two.finished("ord_1001")
+        assert one.finished("ord_1001")["status"] == "done"
+        assert len(one.charges()) == 1
+        assert (one.log() + two.log()).count("[validate] order ord_1001") == 1
+    finally:
+        one.stop()
+        two.stop()
