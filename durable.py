@@ -50,7 +50,8 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar, overload
+from datetime import timedelta
+from typing import Any, Literal, TypeVar, overload
 
 __version__ = "0.1.0"
 __all__ = [
@@ -113,6 +114,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             attempts    INTEGER NOT NULL,
             result      TEXT,
             error       TEXT,
+            failures    TEXT,
             started_at  REAL NOT NULL,
             updated_at  REAL NOT NULL,
             finished_at REAL,
@@ -137,14 +139,21 @@ _SELECT_IDENTITY = "SELECT name, input_hash, state, owner FROM workflows WHERE i
 _TOUCH_WORKFLOW = """
     UPDATE workflows SET state = 'running', updated_at = ?
     WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
+# `failures` is a JSON list of the step's failed attempts: attempt, times, error.
 _BEGIN_ATTEMPT = """
-    INSERT INTO steps (workflow_id, seq, name, state, attempts, error, started_at, updated_at)
+    INSERT INTO steps (workflow_id, seq, name, state, attempts, failures, started_at,
+                       updated_at)
     VALUES (?, ?, ?, 'running', ?, ?, ?, ?)
     ON CONFLICT (workflow_id, seq) DO UPDATE SET
-        state = 'running', attempts = excluded.attempts, error = excluded.error,
+        state = 'running', attempts = excluded.attempts, failures = excluded.failures,
         updated_at = excluded.updated_at"""
+# A durable sleep is a step whose result is its wake time.
+_BEGIN_SLEEP = """
+    INSERT INTO steps (workflow_id, seq, name, state, attempts, result, started_at, updated_at)
+    VALUES (?, ?, ?, 'running', 1, ?, ?, ?)"""
 _FINISH_STEP = """
-    UPDATE steps SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
+    UPDATE steps SET state = ?, result = ?, error = ?, failures = ?, updated_at = ?,
+                     finished_at = ?
     WHERE workflow_id = ? AND seq = ?"""
 _FINISH_WORKFLOW = """
     UPDATE workflows SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
@@ -153,7 +162,8 @@ _SELECT_WORKFLOW = """
     SELECT id, name, state, result, error, created_at, updated_at, finished_at
     FROM workflows WHERE id = ?"""
 _SELECT_STEPS = """
-    SELECT seq, name, state, attempts, result, error, started_at, updated_at, finished_at
+    SELECT seq, name, state, attempts, result, error, failures, started_at, updated_at,
+           finished_at
     FROM steps WHERE workflow_id = ? ORDER BY seq"""
 _SELECT_OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
 _SELECT_ORPHANS = """
@@ -179,13 +189,33 @@ _SELECT_OWNED = """
     SELECT id, name, input FROM workflows
     WHERE owner = ? AND state IN ('pending', 'running')"""
 _SELECT_OWNED_STEPS = """
-    SELECT s.workflow_id, s.seq, s.name, s.state, s.attempts, s.result, s.error
+    SELECT s.workflow_id, s.seq, s.name, s.state, s.attempts, s.result, s.error, s.failures,
+           s.updated_at
     FROM steps s JOIN workflows w ON w.id = s.workflow_id
     WHERE w.owner = ? AND w.state IN ('pending', 'running')"""
 _SELECT_INPUT = "SELECT id, name, input FROM workflows WHERE id = ?"
 _SELECT_REPLAY = """
-    SELECT workflow_id, seq, name, state, attempts, result, error
+    SELECT workflow_id, seq, name, state, attempts, result, error, failures, updated_at
     FROM steps WHERE workflow_id = ?"""
+_SELECT_LIST = """
+    SELECT w.id, w.name, w.state, w.created_at, w.updated_at, w.finished_at,
+           (SELECT count(*) FROM steps s WHERE s.workflow_id = w.id)
+    FROM workflows w WHERE (? IS NULL OR w.state = ?)
+    ORDER BY w.created_at DESC LIMIT ?"""
+_SELECT_STATES = "SELECT state, owner FROM workflows WHERE id = ?"
+_CANCEL = """
+    UPDATE workflows SET state = 'cancelled', error = ?, updated_at = ?, finished_at = ?
+    WHERE id = ? AND state IN ('pending', 'running')"""
+_LAST_FAILED_STEP = "SELECT max(seq) FROM steps WHERE workflow_id = ? AND state = 'failed'"
+_DELETE_STEPS_FROM = "DELETE FROM steps WHERE workflow_id = ? AND seq >= ?"
+_REOPEN = """
+    UPDATE workflows SET state = 'pending', result = NULL, error = NULL, finished_at = NULL,
+                         owner = ?, updated_at = ?
+    WHERE id = ? AND state = 'failed'"""
+_PRUNE = """
+    DELETE FROM workflows WHERE rowid IN (
+        SELECT rowid FROM workflows
+        WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ? LIMIT ?)"""
 _RELEASE = """
     UPDATE workflows SET owner = NULL
     WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
@@ -263,14 +293,25 @@ class _Interrupted(BaseException):
 
 
 class _Fenced(_Interrupted):
-    """Another process owns the workflow now, or it is no longer unfinished."""
+    """The workflow must stop here for good: it was cancelled, finished elsewhere, or
+    another process holds it now. Nothing more is recorded from this process."""
 
-    def __init__(self, workflow_id: str) -> None:
-        super().__init__(
-            f"workflow {workflow_id!r} is no longer held by this process (another process "
-            "took it over after this one was paused, stuck or cut off past its lease, or "
-            "it was finished elsewhere); nothing more is recorded from here"
-        )
+    def __init__(self, workflow_id: str, why: str, level: int = logging.WARNING) -> None:
+        super().__init__(f"workflow {workflow_id!r} is no longer held by this process: {why}; "
+                         "nothing more is recorded from here")
+        self.level = level
+
+
+def _why_fenced(conn: sqlite3.Connection, workflow_id: str) -> _Fenced:
+    row = conn.execute(_SELECT_STATES, (workflow_id,)).fetchone()
+    if row is None:
+        return _Fenced(workflow_id, "it was pruned from the journal")
+    if row[0] == "cancelled":
+        return _Fenced(workflow_id, "it was cancelled", logging.INFO)
+    if row[0] in _FINISHED:
+        return _Fenced(workflow_id, f"it is {row[0]} already")
+    return _Fenced(workflow_id, "another process took it over (this one was paused, stuck "
+                                "or cut off past its lease)")
 
 
 def _check_id(workflow_id: object) -> None:
@@ -576,6 +617,7 @@ class StepRecord:
     attempts: int
     result: Any
     error: dict[str, Any] | None
+    failed_attempts: tuple[dict[str, Any], ...]  # attempt, started_at, finished_at, error
     started_at: float
     updated_at: float
     finished_at: float | None
@@ -603,6 +645,8 @@ class _JournaledStep:
     attempts: int
     result: str | None
     error: str | None
+    failures: str | None
+    updated_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,27 +658,111 @@ class _Workflow:
     signature: inspect.Signature
 
 
+# OPERATIONS: one implementation each, used by Durable and by the command line.
+
+
+def _read_status(conn: sqlite3.Connection, workflow_id: str) -> Status:
+    conn.execute("BEGIN")  # one snapshot for the workflow and its steps
+    try:
+        rows = conn.execute(_SELECT_WORKFLOW, (workflow_id,)).fetchall()
+        steps = conn.execute(_SELECT_STEPS, (workflow_id,)).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    if not rows:
+        raise NotFound(f"no workflow has id {workflow_id!r}")
+    wf_id, name, state, result, error, created, updated, finished = rows[0]
+    return Status(
+        wf_id, name, state, _loads(result), _loads(error), created, updated, finished,
+        tuple(StepRecord(seq, step, st, attempts, _loads(res), _loads(err),
+                         tuple(_loads(fails) or ()), started, step_updated, step_finished)
+              for seq, step, st, attempts, res, err, fails, started, step_updated,
+              step_finished in steps),
+    )
+
+
+def _cancel(conn: sqlite3.Connection, workflow_id: str) -> bool:
+    """In a write transaction: cancel the workflow; False if it had finished already."""
+    row = conn.execute(_SELECT_STATES, (workflow_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no workflow has id {workflow_id!r}")
+    if row[0] in _FINISHED:
+        return False
+    now = time.time()
+    error = _dumps({"type": "WorkflowCancelled", "message": "cancelled by request"})
+    conn.execute(_CANCEL, (error, now, now, workflow_id))
+    return True
+
+
+def _retry(conn: sqlite3.Connection, workflow_id: str) -> int:
+    """In a write transaction: put a failed workflow back to run, from its last failed
+    step (dropped from the journal with the steps after it: fresh attempts). Returns
+    that step's position, or 0 when no step failed (it replays from the top)."""
+    row = conn.execute(_SELECT_STATES, (workflow_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no workflow has id {workflow_id!r}")
+    if row[0] != "failed":
+        raise InvalidInput(f"workflow {workflow_id!r} is {row[0]}; only a failed workflow "
+                           "can be retried")
+    seq = conn.execute(_LAST_FAILED_STEP, (workflow_id,)).fetchone()[0]
+    if seq is not None:
+        conn.execute(_DELETE_STEPS_FROM, (workflow_id, seq))
+    conn.execute(_REOPEN, (None, time.time(), workflow_id))
+    return int(seq or 0)
+
+
+def _prune(conn: sqlite3.Connection, cutoff: float, limit: int) -> int:
+    """In a write transaction: delete up to `limit` workflows (and, by cascade, their
+    steps) that finished before `cutoff`. Unfinished workflows are never touched."""
+    return int(conn.execute(_PRUNE, (cutoff, limit)).rowcount)
+
+
+def _seconds(value: float | timedelta, what: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
+        raise InvalidInput(f"{what} must be seconds >= 0 or a timedelta, not {value!r}")
+    return float(seconds)
+
+
 # CONTEXT: what a workflow receives as its first argument.
 
 
-class _StepCall(Generic[_T]):
+class _Call:
     """A step about to run: yield it (generator workflow) or await it (async workflow)."""
 
-    __slots__ = ("_ctx", "args", "fn", "kwargs", "name", "retry")
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._ctx._execute(self).__await__()
+
+
+class _StepCall(_Call):
+    __slots__ = ("args", "fn", "kwargs", "name", "retry")
 
     def __init__(self, ctx: Context, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], name: str | None, retry: RetryPolicy | None) -> None:
         if not callable(fn):
             raise InvalidInput(f"ctx.run() needs a function, not {fn!r}")
-        self._ctx = ctx
+        super().__init__(ctx)
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.name = name or _name_of(fn)
         self.retry = retry
 
-    def __await__(self) -> Generator[Any, None, _T]:
-        return self._ctx._execute(self).__await__()
+
+class _SleepCall(_Call):
+    __slots__ = ("seconds",)
+    name = "ctx.sleep"
+
+    def __init__(self, ctx: Context, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                or not 0 <= seconds < float("inf"):
+            raise InvalidInput(f"ctx.sleep() needs seconds >= 0, not {seconds!r}")
+        super().__init__(ctx)
+        self.seconds = float(seconds)
 
 
 class _StepOptions:
@@ -643,16 +771,21 @@ class _StepOptions:
     def __init__(self, ctx: Context, name: str | None, retry: RetryPolicy | None) -> None:
         self._ctx, self._name, self._retry = ctx, name, retry
 
-    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall[Any]:
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall:
         """Like `Context.run`, with these options."""
         return _StepCall(self._ctx, fn, args, kwargs, self._name, self._retry)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Context:
     """Handed to a workflow as its first argument; `run` makes its steps."""
 
     __slots__ = ("_abort", "_durable", "_flush_due", "_id", "_inflight", "_journal",
-                 "_owner", "_pending", "_retry", "_seq")
+                 "_napping", "_owner", "_pending", "_retry", "_seq")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -666,13 +799,14 @@ class Context:
         self._pending: list[tuple[str, tuple[Any, ...]]] = []
         self._inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self._flush_due = False
+        self._napping: asyncio.Future[None] | None = None
 
     @property
     def id(self) -> str:
         """The workflow's id: the base for keys passed to outside systems."""
         return self._id
 
-    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall[Any]:
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall:
         """A step calling ``fn(*args, **kwargs)``: ``yield`` it in a generator workflow,
         ``await`` it in an async one. Sync functions run in a worker thread."""
         return _StepCall(self, fn, args, kwargs, None, None)
@@ -688,40 +822,81 @@ class Context:
             raise InvalidInput(f"a step name must be a non-empty string, not {name!r}")
         return _StepOptions(self, name, retry)
 
-    async def _execute(self, call: _StepCall[Any]) -> Any:
+    def sleep(self, seconds: float) -> _SleepCall:
+        """A durable timer: ``yield ctx.sleep(3600)`` (or ``await``). The wake time is
+        journaled, so after a restart the workflow sleeps only what is left. A sleeping
+        workflow holds no thread."""
+        return _SleepCall(self, seconds)
+
+    def _stop(self, reason: _Interrupted) -> None:
+        """Stop the workflow at its next step, checkpoint or wake-up (cancel, close)."""
+        self._abort = reason
+        if self._napping is not None:
+            _wake(self._napping)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, unless the workflow is stopped first."""
+        if seconds > 0 and self._abort is None:
+            loop = asyncio.get_running_loop()
+            self._napping = loop.create_future()
+            timer = loop.call_later(seconds, _wake, self._napping)
+            try:
+                await self._napping
+            finally:
+                timer.cancel()
+                self._napping = None
+        if isinstance(self._abort, _Interrupted):
+            raise self._abort
+
+    def _replayed(self, call: _StepCall | _SleepCall) -> tuple[int, _JournaledStep | None]:
+        """The step's position, and its record from before this (re)start, if any."""
         if call._ctx is not self:
-            raise InvalidInput("a step made by another workflow's ctx.run() was awaited here")
+            raise InvalidInput("a step made by another workflow's ctx was awaited here")
         if self._abort is not None:
             raise self._abort
         if self._durable._closing:
-            self._abort = _Interrupted("the journal is closing")
-            raise self._abort
+            self._stop(_Interrupted("the journal is closing"))
+            raise self._abort  # type: ignore[misc]
         self._seq += 1
-        seq, name = self._seq, call.name
-        recorded = self._journal.pop(seq, None)
-        attempts, error = 0, None
+        recorded = self._journal.pop(self._seq, None)
+        if recorded is not None and recorded.name != call.name:
+            self._abort = NonDeterminismError(
+                f"workflow {self._id!r} step {self._seq} is {call.name!r} in the code but "
+                f"{recorded.name!r} in the journal: the code changed under a running "
+                "workflow. Deploy new steps under a new workflow name, or let in-flight "
+                "workflows finish first."
+            )
+            raise self._abort
+        return self._seq, recorded
+
+    async def _execute(self, call: _Call) -> Any:
+        if isinstance(call, _SleepCall):
+            return await self._sleep(call)
+        assert isinstance(call, _StepCall)
+        seq, recorded = self._replayed(call)
+        name, attempts = call.name, 0
+        failures: list[dict[str, Any]] = []
         if recorded is not None:
-            if recorded.name != name:
-                self._abort = NonDeterminismError(
-                    f"workflow {self._id!r} step {seq} is {name!r} in the code but "
-                    f"{recorded.name!r} in the journal: the code changed under a running "
-                    "workflow. Deploy new steps under a new workflow name, or let in-flight "
-                    "workflows finish first."
-                )
-                raise self._abort
             if recorded.state == "done":
                 return _loads(recorded.result)
             if recorded.state == "failed":
                 err = _loads(recorded.error) or {}
                 raise StepFailed(name, err.get("type", "Error"), err.get("message", ""),
                                  recorded.attempts)
-            attempts = recorded.attempts  # the process stopped during that attempt
+            # The process stopped during that attempt.
+            attempts, failures = recorded.attempts, _loads(recorded.failures) or []
+            failures.append({"attempt": attempts, "started_at": recorded.updated_at,
+                             "finished_at": None, "error": {
+                                 "type": "Interrupted",
+                                 "message": "the process stopped during this attempt"}})
         policy = call.retry or self._retry
+        error: dict[str, Any] = failures[-1]["error"] if failures else {}
         while attempts < policy.max_attempts:
             attempts += 1
-            now = time.time()
-            await self._write([(_BEGIN_ATTEMPT, (self._id, seq, name, attempts,
-                                                 _dumps(error) if error else None, now, now))])
+            start = time.time()
+            history = _dumps(failures) if failures else None
+            await self._write([(_BEGIN_ATTEMPT, (self._id, seq, name, attempts, history,
+                                                 start, start))])
             permanent = False
             try:
                 value = await self._durable._invoke(self._id, call.fn, call.args, call.kwargs)
@@ -734,33 +909,52 @@ class Context:
                     error, permanent = {"type": "TypeError", "message":
                                         f"the step returned a value that is not JSON: {exc}"}, True
                 else:
+                    if isinstance(self._abort, _Interrupted):  # cancelled meanwhile
+                        raise self._abort
                     done = time.time()
                     # Written with the next checkpoint (the next step's start or the
                     # workflow's end): the next step cannot start before it is durable.
-                    self._defer([(_FINISH_STEP, ("done", text, None, done, done, self._id, seq))])
+                    self._defer([(_FINISH_STEP, ("done", text, None, history, done, done,
+                                                 self._id, seq))])
                     return _loads(text)
+            failures.append({"attempt": attempts, "started_at": start,
+                             "finished_at": time.time(), "error": error})
             if permanent or attempts >= policy.max_attempts:
                 break
             delay = policy.delay(attempts)
             _log.warning("workflow %r step %r attempt %d/%d failed (%s: %s); retrying in %.2fs",
                          self._id, name, attempts, policy.max_attempts, error["type"],
                          error["message"], delay)
-            await asyncio.sleep(delay)
-        else:
-            error = {"type": "Interrupted", "message": f"the process stopped during attempt "
-                     f"{attempts} of {policy.max_attempts}, the last one allowed"}
-        assert error is not None
+            await self._nap(delay)
         now = time.time()
-        await self._write([(_FINISH_STEP, ("failed", None, _dumps(error), now, now,
-                                           self._id, seq))])
+        await self._write([(_FINISH_STEP, ("failed", None, _dumps(error), _dumps(failures),
+                                           now, now, self._id, seq))])
         raise StepFailed(name, error["type"], error["message"], attempts)
+
+    async def _sleep(self, call: _SleepCall) -> None:
+        seq, recorded = self._replayed(call)
+        if recorded is not None and recorded.state == "done":
+            return
+        if recorded is not None:
+            wake = float(_loads(recorded.result))
+        else:
+            now = time.time()
+            wake = now + call.seconds
+            await self._write([(_BEGIN_SLEEP, (self._id, seq, call.name, _dumps(wake), now,
+                                               now))])
+        await self._nap(wake - time.time())
+        done = time.time()
+        self._defer([(_FINISH_STEP, ("done", _dumps(wake), None, None, done, done, self._id,
+                                     seq))])
 
     async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Commit `statements` (with any deferred ones) if this process still owns the
         workflow; otherwise stop the workflow with _Interrupted."""
-        if self._durable._closing:
-            self._abort = _Interrupted("the journal is closing")
+        if isinstance(self._abort, _Interrupted):
             raise self._abort
+        if self._durable._closing:
+            self._stop(_Interrupted("the journal is closing"))
+            raise self._abort  # type: ignore[misc]
         statements, self._pending = self._pending + statements, []
         future = self._durable._write_fenced(self._id, self._owner, statements)
         future.add_done_callback(_retrieve)
@@ -782,7 +976,7 @@ class Context:
 
     def _flush(self) -> None:
         self._flush_due = False
-        if self._pending:
+        if self._pending and self._abort is None:
             statements, self._pending = self._pending, []
             future = self._durable._write_fenced(self._id, self._owner, statements)
             future.add_done_callback(_retrieve)
@@ -806,8 +1000,9 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context) -> Any:
             except StopIteration as stop:
                 return stop.value
             value, failure = None, None
-            if not isinstance(call, _StepCall):
-                raise TypeError(f"the workflow yielded {call!r}; yield ctx.run(step, ...)")
+            if not isinstance(call, _Call):
+                raise TypeError(f"the workflow yielded {call!r}; yield ctx.run(step, ...) "
+                                "or ctx.sleep(seconds)")
             try:
                 value = await ctx._execute(call)
             except StepFailed as exc:
@@ -900,7 +1095,7 @@ class Durable:
             raise InvalidInput(f"lease must be seconds > 0, not {lease!r}")
         self.synchronous = synchronous
         self.busy_timeout = float(busy_timeout)
-        self.retry = retry or RetryPolicy()
+        self._default_retry = retry or RetryPolicy()
         self.max_threads = max_threads
         self.lease = float(lease)
         # How often the lease is renewed and orphaned workflows are looked for.
@@ -908,6 +1103,7 @@ class Durable:
         self._registry: dict[str, _Workflow] = {}
         self._names: dict[Callable[..., Any], str] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._contexts: dict[str, Context] = {}
         self._stepping: dict[str, int] = {}  # workflow id -> sync steps in threads
         self._stalls: dict[str, int] = {}  # workflow id -> failed journal writes in a row
         self._timers: set[asyncio.TimerHandle] = set()
@@ -1100,7 +1296,7 @@ class Durable:
                       statements: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
         def op(conn: sqlite3.Connection) -> None:
             if conn.execute(_TOUCH_WORKFLOW, (time.time(), workflow_id, owner)).rowcount != 1:
-                raise _Fenced(workflow_id)
+                raise _why_fenced(conn, workflow_id)
             for sql, params in statements:
                 conn.execute(sql, params)
 
@@ -1189,7 +1385,8 @@ class Durable:
 
     async def _run_workflow(self, workflow_id: str, workflow: _Workflow, text: str,
                             journal: dict[int, _JournaledStep]) -> None:
-        ctx = Context(self, workflow_id, workflow.retry or self.retry, journal)
+        ctx = self._contexts[workflow_id] = Context(self, workflow_id,
+                                                    workflow.retry or self._default_retry, journal)
         data = _loads(text)
         try:
             try:
@@ -1224,13 +1421,14 @@ class Durable:
             self._stalls.pop(workflow_id, None)
         except _Interrupted as stop:
             if isinstance(stop, _Fenced):
-                _log.warning("workflow %r stopped here: %s", workflow_id, stop)
+                _log.log(stop.level, "%s", stop)
             elif not self._closing:
                 cause = stop.args[0] if stop.args else stop
                 self._retry_later(workflow_id, cause)
         finally:
             if self._running.get(workflow_id) is asyncio.current_task():
                 del self._running[workflow_id]
+                del self._contexts[workflow_id]
 
     async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> Any:
@@ -1276,25 +1474,43 @@ class Durable:
                 delay = min(delay * 2, 0.5)
 
     async def _status(self, workflow_id: str) -> Status:
-        def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            conn.execute("BEGIN")  # one snapshot for the workflow and its steps
-            try:
-                return (conn.execute(_SELECT_WORKFLOW, (workflow_id,)).fetchall(),
-                        conn.execute(_SELECT_STEPS, (workflow_id,)).fetchall())
-            finally:
-                conn.execute("COMMIT")
+        return await self._query(lambda conn: _read_status(conn, workflow_id))
 
-        rows, steps = await self._query(read)
-        if not rows:
-            raise NotFound(f"no workflow has id {workflow_id!r}")
-        wf_id, name, state, result, error, created, updated, finished = rows[0]
-        return Status(
-            wf_id, name, state, _loads(result), _loads(error), created, updated, finished,
-            tuple(StepRecord(seq, step, st, attempts, _loads(res), _loads(err), started,
-                             step_updated, step_finished)
-                  for seq, step, st, attempts, res, err, started, step_updated, step_finished
-                  in steps),
-        )
+    # Operating it.
+
+    async def cancel(self, id: str) -> bool:
+        """Cancel an unfinished workflow, in this process or another: no further step
+        starts; a step running now finishes, but its result is not recorded and does
+        not resume the workflow; `result()` raises WorkflowCancelled. Returns False,
+        changing nothing, when the workflow had finished already."""
+        _check_id(id)
+        cancelled = bool(await self._open_writer().submit(lambda conn: _cancel(conn, id)))
+        ctx = self._contexts.get(id)
+        if cancelled and ctx is not None:
+            ctx._stop(_Fenced(id, "it was cancelled", logging.INFO))
+        return cancelled
+
+    async def retry(self, id: str) -> int:
+        """Run a failed workflow again from its failed step: the steps before it stay
+        journaled (not run again), the failed step gets fresh attempts. It starts here
+        if registered here, else in the next process that registers it. Returns the
+        position of the step it restarts from (0: from the top)."""
+        _check_id(id)
+        seq = int(await self._open_writer().submit(lambda conn: _retry(conn, id)))
+        await self._adopt_orphans()
+        return seq
+
+    async def prune(self, older_than: float | timedelta) -> int:
+        """Delete finished (done, failed, cancelled) workflows, with their steps, that
+        finished more than `older_than` (seconds or a timedelta) ago; their ids may be
+        used again. Unfinished workflows are never pruned. Returns how many."""
+        cutoff = time.time() - _seconds(older_than, "older_than")
+        writer, total = self._open_writer(), 0
+        while True:  # in slices, so that other writes are not held up for long
+            deleted = int(await writer.submit(lambda conn: _prune(conn, cutoff, 500)))
+            total += deleted
+            if deleted < 500:
+                return total
 
     # Recovery.
 
@@ -1311,15 +1527,33 @@ class Durable:
         await self._open_writer().submit(renew)
 
     async def _maintain(self) -> None:
-        """Every tick: renew the lease, then take over orphaned workflows."""
+        """Every tick: renew the lease, take over orphaned workflows, and wake sleeping
+        workflows that were cancelled or taken over meanwhile."""
         while True:
             await asyncio.sleep(self._tick)
             try:
                 await self._renew()
                 await self._adopt_orphans()
+                await self._check_sleepers()
             except DurableError as exc:
                 _log.warning("could not renew the lease or look for orphaned workflows "
                              "(%s); trying again in %.1fs", exc, self._tick)
+
+    async def _check_sleepers(self) -> None:
+        napping = [wf_id for wf_id, ctx in self._contexts.items() if ctx._napping is not None]
+        if not napping:
+            return
+
+        def read(conn: sqlite3.Connection) -> list[tuple[str, Any]]:
+            return [(wf_id, conn.execute(_SELECT_STATES, (wf_id,)).fetchone())
+                    for wf_id in napping]
+
+        for wf_id, row in await self._query(read):
+            ctx = self._contexts.get(wf_id)
+            if ctx is not None and (row is None or row[0] not in _UNFINISHED
+                                    or row[1] != self._owner):
+                why = functools.partial(_why_fenced, workflow_id=wf_id)
+                ctx._stop(await self._query(why))
 
     async def _adopt_orphans(self, *, opening: bool = False) -> int:
         """Take over every unfinished workflow registered here that no live process

@@ -1,0 +1,779 @@
+"""bench.py: how fast durable.py is, each number next to a baseline from the same run.
+
+    python bench.py            # the full run (a few minutes): one table on stdout
+    python bench.py --quick    # every scenario at tiny sizes, in seconds: a smoke test
+
+The machine may be shared and noisy, so every scenario is measured against a
+baseline in the same run (alternating rounds, medians) and reports the ratio:
+judge the ratios, not the absolute timings. Progress goes to stderr, the table to
+stdout. All files live in a temporary directory that is removed at the end. The
+HTTP row needs wrk (`apt-get install wrk`); without it the row says so and the
+other rows still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import durable
+from durable import Context, Durable
+
+HERE = Path(__file__).resolve().parent
+
+# SIZES: the full run and the smoke test run the same code at different sizes.
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    name: str
+    rounds: int  # alternating baseline / durable.py rounds; medians are reported
+    sequential: int  # workflows per sequential round
+    concurrent: int  # workflows started together
+    http_seconds: int  # wrk run per server and round
+    recovery: int  # unfinished workflows left in the journal by a killed process
+    memory: tuple[int, int]  # finished workflows at the two RSS readings
+
+
+FULL_RUN = Sizes("full", rounds=3, sequential=300, concurrent=1_000, http_seconds=10,
+                 recovery=10_000, memory=(1_000, 100_000))
+QUICK_RUN = Sizes("quick", rounds=1, sequential=20, concurrent=50, http_seconds=1,
+                  recovery=200, memory=(100, 1_000))
+
+STEPS = 4  # steps per benchmark workflow
+WARMUP = 5  # workflows run before a clock starts: thread pool up, caches warm
+BATCH = 1_000  # workflows started together when many are needed
+WRK_THREADS, WRK_CONNECTIONS = 1, 32
+POLL = 0.01  # seconds between looks at a journal from outside
+
+# TABLE.
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table. `ratio` is durable.py against the baseline."""
+
+    scenario: str
+    durable: str
+    baseline: str
+    ratio: str
+    goal: str = ""
+
+
+def print_table(rows: list[Row], sizes: Sizes) -> None:
+    header = Row("scenario", "durable.py", "baseline (same run)", "ratio", "goal")
+    cells = [[r.scenario, r.durable, r.baseline, r.ratio, r.goal] for r in [header, *rows]]
+    widths = [max(len(line[i]) for line in cells) for i in range(5)]
+    print(f"durable.py {durable.__version__} benchmark ({sizes.name} run): Python "
+          f"{sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs; "
+          f"times are medians of {sizes.rounds} round(s); ratio = durable.py / baseline "
+          "(time: lower is better)")
+    for n, line in enumerate(cells):
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
+              + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def verdict(sizes: Sizes, text: str, met: bool) -> str:
+    """The goal, and whether it was met (only a full run can tell)."""
+    if sizes is QUICK_RUN:
+        return text
+    return f"{text}: {'met' if met else 'MISSED'}"
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# MEASURING.
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    seconds: float  # wall time of the whole run
+    cpu: float  # process CPU seconds (every thread), from time.process_time()
+    count: int  # workflows
+    latencies: tuple[float, ...] = ()  # seconds per workflow, when they ran one by one
+
+    @property
+    def per_workflow(self) -> float:
+        return self.seconds / self.count
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+
+def median_timing(timings: list[Timing]) -> Timing:
+    """The round with the median wall time, with every round's latencies."""
+    middle = sorted(timings, key=lambda t: t.seconds)[(len(timings) - 1) // 2]
+    latencies = tuple(x for t in timings for x in t.latencies)
+    return Timing(middle.seconds, middle.cpu, middle.count, latencies)
+
+
+def percentile(values: tuple[float, ...] | list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def rss_kb() -> int:
+    """This process's resident set, from /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wal_commits(path: str) -> int:
+    """Commits in the journal's write-ahead log: frames of the current WAL generation
+    whose header records a database size, which only a commit's last frame does.
+    https://www.sqlite.org/fileformat.html#the_write_ahead_log"""
+    try:
+        data = Path(path + "-wal").read_bytes()
+    except FileNotFoundError:
+        return 0
+    if len(data) < 32:
+        return 0
+    frame = 24 + int.from_bytes(data[8:12], "big")
+    salts = data[16:24]
+    commits = 0
+    for offset in range(32, len(data) - frame + 1, frame):
+        if data[offset + 8:offset + 16] != salts:
+            break  # a frame left over from before the log was last restarted
+        commits += int.from_bytes(data[offset + 4:offset + 8], "big") != 0
+    return commits
+
+
+def unfinished(watch: sqlite3.Connection) -> int:
+    return int(watch.execute(
+        "SELECT count(*) FROM workflows WHERE state IN ('pending', 'running')").fetchone()[0])
+
+
+def last_finished_at(watch: sqlite3.Connection) -> float:
+    return float(watch.execute("SELECT max(finished_at) FROM workflows").fetchone()[0])
+
+
+async def until_finished(watch: sqlite3.Connection, timeout: float = 600.0) -> None:
+    """Wait until the journal holds no unfinished workflow, looking from outside
+    (a connection of our own), so the measured process does no extra work."""
+    deadline = time.monotonic() + timeout
+    while unfinished(watch):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workflows still unfinished after {timeout:.0f} s")
+        await asyncio.sleep(POLL)
+
+
+# WORKFLOWS: four trivial sync steps, and a variant whose step 2 can hold forever.
+
+
+def add_one(n: int) -> int:
+    """A trivial sync step (durable.py runs it in a worker thread)."""
+    return n + 1
+
+
+def four_steps(ctx: Context, n: int) -> Generator[Any, Any, int]:
+    for _ in range(STEPS):
+        n = yield ctx.run(add_one, n)
+    return n
+
+
+_hold = {"forever": False}  # set in the process that is killed with its workflows in step 2
+_resumed: list[float] = []  # perf_counter() each time `hold` ran without holding
+
+
+async def hold(n: int) -> int:
+    """Step 2 of `held_steps`: waits forever in the doomed process, else returns at once."""
+    if _hold["forever"]:
+        await asyncio.Event().wait()
+    _resumed.append(time.perf_counter())
+    return n + 1
+
+
+def held_steps(ctx: Context, n: int) -> Generator[Any, Any, int]:
+    n = yield ctx.run(add_one, n)
+    n = yield ctx.run(hold, n)
+    n = yield ctx.run(add_one, n)
+    n = yield ctx.run(add_one, n)
+    return n
+
+
+def journal(path: Path, synchronous: str = "FULL",
+            workflow: Callable[..., Any] = four_steps) -> Durable:
+    dur = Durable(path, synchronous=synchronous)
+    dur.register(workflow)
+    return dur
+
+
+async def start_all(dur: Durable, workflow: Callable[..., Any], prefix: str, count: int) -> None:
+    """run() `count` workflows at once, BATCH by BATCH; returns when all are recorded."""
+    for first in range(0, count, BATCH):
+        await asyncio.gather(*(dur.run(f"{prefix}-{i}", workflow, i)
+                               for i in range(first, min(first + BATCH, count))))
+
+
+# FLOOR: plain sqlite3 making the commits durable.py makes, and nothing else.
+# It executes durable.py's own SQL on durable.py's own schema, so it follows changes
+# to either; what it leaves out is everything in Python around the commits.
+
+_FLOOR_OWNER = "bench|0|0|floor"
+
+
+def floor_connect(path: Path, synchronous: str, *, create: bool = True) -> sqlite3.Connection:
+    """A connection with the pragmas durable.py's _connect() sets."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if create:
+        for statements in durable._MIGRATIONS:
+            for sql in statements:
+                conn.execute(sql)
+    return conn
+
+
+def floor_commits(wf_id: str, n: int) -> list[list[tuple[str, tuple[Any, ...]]]]:
+    """The commits of one `four_steps(n)` workflow, as durable.py groups them today:
+    run()'s insert; step 1's first attempt; each step's result with the next step's
+    start; the last step's result with the workflow's."""
+    now = time.time()
+    text = json.dumps({"args": [n], "kwargs": {}}, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    touch = (durable._TOUCH_WORKFLOW, (now, wf_id, _FLOOR_OWNER))
+
+    def begin(seq: int) -> tuple[str, tuple[Any, ...]]:
+        return durable._BEGIN_ATTEMPT, (wf_id, seq, "add_one", 1, None, now, now)
+
+    def finish(seq: int) -> tuple[str, tuple[Any, ...]]:
+        return durable._FINISH_STEP, ("done", str(n + seq), None, now, now, wf_id, seq)
+
+    return [
+        [(durable._INSERT_WORKFLOW, (wf_id, "four_steps", text, digest, _FLOOR_OWNER, now, now))],
+        [touch, begin(1)],
+        *([touch, finish(seq), begin(seq + 1)] for seq in range(1, STEPS)),
+        [touch, finish(STEPS),
+         (durable._FINISH_WORKFLOW, ("done", str(n + STEPS), None, now, now, wf_id))],
+    ]
+
+
+def floor(path: Path, synchronous: str, count: int, together: int) -> Timing:
+    """`count` workflows' commits, `together` workflows sharing each commit (as
+    durable.py's group commit would at best); together=1 is one after another."""
+    latencies: list[float] = []
+    with contextlib.closing(floor_connect(path, synchronous)) as conn:
+        cpu, start = time.process_time(), time.perf_counter()
+        for first in range(0, count, together):
+            began = time.perf_counter()
+            plans = [floor_commits(f"floor-{i}", i)
+                     for i in range(first, min(first + together, count))]
+            for k in range(len(plans[0])):
+                conn.execute("BEGIN IMMEDIATE")
+                for plan in plans:
+                    for sql, params in plan[k]:
+                        conn.execute(sql, params)
+                conn.execute("COMMIT")
+            latencies.append(time.perf_counter() - began)
+        return Timing(time.perf_counter() - start, time.process_time() - cpu, count,
+                      tuple(latencies) if together == 1 else ())
+
+
+# SCENARIOS 1 AND 2: sequential workflows against the floor.
+
+
+async def commits_per_workflow(path: Path, count: int = 10) -> float:
+    """Count the commits sequential workflows make, in the WAL itself (few enough
+    workflows that no checkpoint restarts the log meanwhile)."""
+    async with journal(path) as dur:
+        await (await dur.run("warm", four_steps, 0)).result()
+        before = wal_commits(str(path))
+        for i in range(count):
+            await (await dur.run(f"count-{i}", four_steps, i)).result()
+        return (wal_commits(str(path)) - before) / count
+
+
+async def durable_sequential(path: Path, synchronous: str, count: int) -> Timing:
+    """One workflow at a time: latency is run() until result() returns."""
+    async with journal(path, synchronous) as dur:
+        for i in range(WARMUP):
+            await (await dur.run(f"warm-{i}", four_steps, i)).result()
+        latencies: list[float] = []
+        cpu, start = time.process_time(), time.perf_counter()
+        for i in range(count):
+            began = time.perf_counter()
+            await (await dur.run(f"seq-{i}", four_steps, i)).result()
+            latencies.append(time.perf_counter() - began)
+        return Timing(time.perf_counter() - start, time.process_time() - cpu, count,
+                      tuple(latencies))
+
+
+def bench_sequential(folder: Path, sizes: Sizes) -> list[Row]:
+    progress("1-2/6: commits per workflow; sequential workflows against the sqlite3 floor")
+    commits = asyncio.run(commits_per_workflow(folder / "count.db"))
+    floor_commit_count = len(floor_commits("x", 0))
+    if commits != floor_commit_count:
+        progress(f"WARNING: durable.py made {commits:g} commits per workflow; the floor "
+                 f"makes {floor_commit_count}: update floor_commits()")
+    floors: dict[str, list[Timing]] = {"FULL": [], "NORMAL": []}
+    durables: dict[str, list[Timing]] = {"FULL": [], "NORMAL": []}
+    for r in range(sizes.rounds):
+        for sync in ("FULL", "NORMAL"):
+            floors[sync].append(floor(folder / f"floor-{sync}-{r}.db", sync,
+                                      sizes.sequential, 1))
+            durables[sync].append(asyncio.run(
+                durable_sequential(folder / f"seq-{sync}-{r}.db", sync, sizes.sequential)))
+    rows = []
+    base, mine = median_timing(floors["FULL"]), median_timing(durables["FULL"])
+    ratio = mine.per_workflow / base.per_workflow
+    rows.append(Row(
+        "1 floor: sequential 4-step, FULL",
+        f"{ms(mine.per_workflow)}/wf, {commits:g} commits/wf (counted in the WAL)",
+        f"sqlite3, same {floor_commit_count} commits: {ms(base.per_workflow)}/wf",
+        f"{ratio:.2f}x", verdict(sizes, "<= 1.5x", ratio <= 1.5)))
+    for sync in ("FULL", "NORMAL"):
+        base, mine = median_timing(floors[sync]), median_timing(durables[sync])
+        rows.append(Row(
+            f"2 sequential 4-step, {sync}",
+            f"{mine.rate:,.0f} wf/s, p50 {ms(percentile(mine.latencies, 50))}, "
+            f"p99 {ms(percentile(mine.latencies, 99))}",
+            f"floor: {base.rate:,.0f} wf/s, p50 {ms(percentile(base.latencies, 50))}, "
+            f"p99 {ms(percentile(base.latencies, 99))}",
+            f"{mine.per_workflow / base.per_workflow:.2f}x"))
+    return rows
+
+
+# SCENARIO 3: many concurrent workflows against the group-commit floor.
+
+
+async def durable_concurrent(path: Path, synchronous: str, count: int) -> Timing:
+    """`count` workflows started at once: from the first run() until the journal
+    records the last one finished (no result() calls: the service's case)."""
+    async with journal(path, synchronous) as dur:
+        with contextlib.closing(sqlite3.connect(path)) as watch:
+            await start_all(dur, four_steps, "warm", WARMUP)
+            await until_finished(watch)
+            cpu, wall = time.process_time(), time.time()
+            await start_all(dur, four_steps, "con", count)
+            await until_finished(watch)
+            cpu = time.process_time() - cpu
+            return Timing(last_finished_at(watch) - wall, cpu, count)
+
+
+def bench_concurrent(folder: Path, sizes: Sizes) -> list[Row]:
+    progress(f"3/6: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
+    rows = []
+    for sync in ("FULL", "NORMAL"):
+        floors, durables = [], []
+        for r in range(sizes.rounds):
+            floors.append(floor(folder / f"cfloor-{sync}-{r}.db", sync, sizes.concurrent,
+                                sizes.concurrent))
+            durables.append(asyncio.run(
+                durable_concurrent(folder / f"con-{sync}-{r}.db", sync, sizes.concurrent)))
+        base, mine = median_timing(floors), median_timing(durables)
+        cpu_ms = mine.cpu / mine.count * 1000
+        goal = ""
+        if sync == "FULL":
+            goal = verdict(sizes, ">= 2,000 wf/s and <= 0.5 ms CPU/wf",
+                           mine.rate >= 2000 and cpu_ms <= 0.5)
+        rows.append(Row(
+            f"3 {sizes.concurrent:,} concurrent 4-step, {sync}",
+            f"{mine.rate:,.0f} wf/s, {mine.rate * STEPS:,.0f} steps/s, {cpu_ms:.3f} ms CPU/wf",
+            f"floor, {len(floor_commits('x', 0))} group commits: {base.rate:,.0f} wf/s, "
+            f"{base.cpu / base.count * 1000:.3f} ms CPU/wf",
+            f"{mine.per_workflow / base.per_workflow:.2f}x", goal))
+    return rows
+
+
+# SCENARIO 4: HTTP, app.py against a bare Starlette endpoint, under wrk.
+
+ORDER_BODY = ('{"id": "%s", "customer": {"id": "cus_alice", "email": "alice@example.com"}, '
+              '"items": [{"sku": "widget-pro", "qty": 2, "price": 2999}, '
+              '{"sku": "widget-cable", "qty": 1, "price": 999}]}')
+
+BARE_APP = '''\
+"""POST /orders without durable.py: the same 202 body, nothing journaled (bench.py)."""
+
+import json
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+async def create_order(request):
+    order = json.loads(await request.body())
+    return JSONResponse({"status": "accepted", "orderId": order["id"],
+                         "statusUrl": f"/orders/{order['id']}/status"}, status_code=202)
+
+
+app = Starlette(routes=[Route("/orders", create_order, methods=["POST"])])
+'''
+
+WRK_SCRIPT = '''\
+-- bench.py: every request POSTs an order under an id never used before.
+local threads = 0
+local counter = 0
+local prefix = "order"
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("thread_number", threads)
+end
+
+function init(args)
+  prefix = (args[1] or "run") .. "-" .. tostring(thread_number)
+end
+
+function request()
+  counter = counter + 1
+  local body = string.format([[@BODY@]], prefix .. "-" .. counter)
+  return wrk.format("POST", "/orders", {["Content-Type"] = "application/json"}, body)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d non2xx=%d\\n",
+    summary.requests, summary.duration, math.floor(latency:percentile(50)),
+    math.floor(latency:percentile(99)), e.connect + e.read + e.write + e.timeout, e.status))
+end
+'''.replace("@BODY@", ORDER_BODY)
+
+
+@dataclass(frozen=True, slots=True)
+class Http:
+    rate: float  # accepted requests per second
+    p50: float  # seconds
+    p99: float
+
+
+@contextlib.contextmanager
+def server(folder: Path, module: str, app_dir: Path) -> Iterator[str]:
+    """uvicorn serving `module:app` on a free loopback port; yields its URL. Both servers
+    run with the same options, the access log off (its cost is not durable.py's)."""
+    folder.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = folder / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", f"{module}:app", "--app-dir", str(app_dir),
+             "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+             "--log-level", "warning"],
+            cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "DURABLE_DB": str(folder / "orders.db")})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{module} exited at start:\n{log.read_text()[-2000:]}")
+            try:
+                httpx.get(url + "/", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{module} did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wrk(url: str, script: Path, seconds: int, tag: str) -> Http:
+    command = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s",
+               "-s", str(script), url, "--", tag]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60,
+                         check=True).stdout
+    line = next((x for x in out.splitlines() if x.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no BENCH line:\n{out}")
+    f = {k: int(v) for k, v in (field.split("=") for field in line.split()[1:])}
+    if f["errors"] or f["non2xx"]:
+        raise RuntimeError(f"wrk saw {f['errors']} socket errors and {f['non2xx']} "
+                           f"non-2xx answers from {url}:\n{out}")
+    return Http(f["requests"] / (f["duration_us"] / 1e6), f["p50_us"] / 1e6, f["p99_us"] / 1e6)
+
+
+def httpx_posts(url: str, count: int, tag: str) -> Http:
+    """A few sequential POSTs: a smoke test of the HTTP path when wrk is absent."""
+    latencies = []
+    with httpx.Client(base_url=url) as client:
+        start = time.perf_counter()
+        for i in range(count):
+            began = time.perf_counter()
+            response = client.post("/orders", content=ORDER_BODY % f"{tag}-{i}",
+                                   headers={"content-type": "application/json"})
+            latencies.append(time.perf_counter() - began)
+            if response.status_code != 202:
+                raise RuntimeError(f"POST /orders answered {response.status_code}: "
+                                   f"{response.text}")
+        seconds = time.perf_counter() - start
+    return Http(count / seconds, percentile(latencies, 50), percentile(latencies, 99))
+
+
+def bench_http(folder: Path, sizes: Sizes) -> list[Row]:
+    progress("4/6: POST /orders, app.py against a bare Starlette endpoint")
+    scenario = "4 HTTP POST /orders"
+    have_wrk = shutil.which("wrk") is not None
+    if not have_wrk and sizes is not QUICK_RUN:
+        progress("wrk not found: apt-get install wrk (skipping the HTTP row)")
+        return [Row(scenario, "skipped: wrk not found: apt-get install wrk", "", "")]
+    folder.mkdir()
+    (folder / "bare_app.py").write_text(BARE_APP)
+    script = folder / "orders.lua"
+    script.write_text(WRK_SCRIPT)
+    results: dict[str, list[Http]] = {"bare": [], "app": []}
+    for r in range(sizes.rounds):
+        for kind, module, app_dir in (("bare", "bare_app", folder), ("app", "app", HERE)):
+            with server(folder / f"{kind}-{r}", module, app_dir) as url:
+                if have_wrk:
+                    if sizes is not QUICK_RUN:
+                        wrk(url, script, 2, f"warm{r}")  # warm up: not counted
+                    results[kind].append(wrk(url, script, sizes.http_seconds, f"run{r}"))
+                else:
+                    results[kind].append(httpx_posts(url, 20, f"run{r}"))
+    if have_wrk:
+        how = f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} {sizes.http_seconds}s"
+    else:
+        how = "wrk not found: apt-get install wrk; 20 sequential httpx POSTs"
+    bare, app = (sorted(results[k], key=lambda h: h.rate)[(sizes.rounds - 1) // 2]
+                 for k in ("bare", "app"))
+    share = app.rate / bare.rate
+    return [Row(
+        f"{scenario} ({how})",
+        f"app.py: {app.rate:,.0f} req/s, p50 {ms(app.p50)}, p99 {ms(app.p99)}",
+        f"bare Starlette: {bare.rate:,.0f} req/s, p50 {ms(bare.p50)}, p99 {ms(bare.p99)}",
+        f"{share:.0%} of bare", verdict(sizes, ">= 50% of bare", share >= 0.5))]
+
+
+# SCENARIO 5: recovery of unfinished workflows left by a process killed with SIGKILL.
+
+
+async def crash_child(path: Path, count: int) -> None:
+    """In the doomed child: start `count` workflows that all stop in step 2, then wait
+    for the parent's SIGKILL."""
+    _hold["forever"] = True
+    async with journal(path, "NORMAL", held_steps) as dur:
+        await start_all(dur, held_steps, "held", count)
+        await asyncio.Event().wait()
+
+
+def leave_unfinished(path: Path, count: int) -> None:
+    """Run `count` held workflows in a child until each has journaled step 2, then
+    kill the child with SIGKILL."""
+    log = path.with_suffix(".log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, __file__, "--crash-child", str(path),
+                                 str(count)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the crash child exited:\n{log.read_text()[-2000:]}")
+            with contextlib.suppress(sqlite3.Error):  # not created yet
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                with contextlib.closing(conn):
+                    held = conn.execute("SELECT count(*) FROM steps WHERE seq = 2").fetchone()[0]
+                if held == count:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the crash child did not reach step 2 in time")
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+async def durable_recovery(path: Path, count: int) -> tuple[float, float, float]:
+    """Seconds from open() until open() returns, until every workflow has resumed
+    (journaled step 2's next attempt and run it), and until every one is done."""
+    _resumed.clear()
+    dur = journal(path, workflow=held_steps)
+    wall, start = time.time(), time.perf_counter()
+    await dur.open()
+    try:
+        opened = time.perf_counter() - start
+        with contextlib.closing(sqlite3.connect(path)) as watch:
+            await until_finished(watch)
+            done = last_finished_at(watch) - wall
+    finally:
+        await dur.close()
+    if len(_resumed) != count:
+        raise RuntimeError(f"{len(_resumed)} of {count} workflows resumed")
+    return opened, max(_resumed) - start, done
+
+
+def floor_recovery(path: Path) -> float:
+    """Plain sqlite3, one transaction: claim every unfinished workflow, load it and its
+    steps, and journal step 2's next attempt for each, as the least a resume takes."""
+    with contextlib.closing(floor_connect(path, "FULL", create=False)) as conn:
+        start = time.perf_counter()
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE workflows SET owner = ?, updated_at = ? "
+                     "WHERE state IN ('pending', 'running')", (_FLOOR_OWNER, now))
+        workflows = conn.execute(durable._SELECT_OWNED, (_FLOOR_OWNER,)).fetchall()
+        conn.execute(durable._SELECT_OWNED_STEPS, (_FLOOR_OWNER,)).fetchall()
+        for wf_id, _name, _input in workflows:
+            conn.execute(durable._TOUCH_WORKFLOW, (now, wf_id, _FLOOR_OWNER))
+            conn.execute(durable._BEGIN_ATTEMPT, (wf_id, 2, "hold", 2, None, now, now))
+        conn.execute("COMMIT")
+        return time.perf_counter() - start
+
+
+async def durable_fresh(path: Path, count: int) -> float:
+    """Seconds from the first run() until `count` new held_steps workflows are done."""
+    async with journal(path, workflow=held_steps) as dur:
+        with contextlib.closing(sqlite3.connect(path)) as watch:
+            wall = time.time()
+            await start_all(dur, held_steps, "fresh", count)
+            await until_finished(watch)
+            return last_finished_at(watch) - wall
+
+
+def bench_recovery(folder: Path, sizes: Sizes) -> list[Row]:
+    count = sizes.recovery
+    progress(f"5/6: recovery of {count:,} workflows left unfinished by a SIGKILL")
+    folder.mkdir()
+    crashed = folder / "crashed.db"
+    leave_unfinished(crashed, count)
+    copy = folder / "floor.db"
+    for suffix in ("", "-wal"):
+        if Path(f"{crashed}{suffix}").exists():
+            shutil.copyfile(f"{crashed}{suffix}", f"{copy}{suffix}")
+    base_resume = floor_recovery(copy)
+    opened, resumed, done = asyncio.run(durable_recovery(crashed, count))
+    base_done = asyncio.run(durable_fresh(folder / "fresh.db", count))
+    return [
+        Row(f"5 recovery of {count:,}: open() -> all resumed",
+            f"{resumed:.2f} s (open() returned after {opened:.2f} s)",
+            f"sqlite3 claim + load + journal attempts: {base_resume:.2f} s",
+            f"{resumed / base_resume:.2f}x", verdict(sizes, "<= 2 s", resumed <= 2)),
+        Row(f"5 recovery of {count:,}: open() -> all done",
+            f"{done:.2f} s",
+            f"{count:,} new workflows, run() -> all done: {base_done:.2f} s",
+            f"{done / base_done:.2f}x"),
+    ]
+
+
+# SCENARIO 6: journal bytes per step, and memory after many finished workflows.
+
+
+async def memory_child(path: Path, marks: list[int]) -> None:
+    """In a fresh child: finish workflows BATCH by BATCH; at each mark, checkpoint the
+    WAL and print a JSON line with RSS, the file's size and its VACUUMed size."""
+    async with journal(path) as dur:
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as watch:
+            finished = 0
+            for mark in marks:
+                while finished < mark:
+                    batch = min(BATCH, mark - finished)
+                    await start_all(dur, four_steps, f"m{finished}", batch)
+                    await until_finished(watch)
+                    finished += batch
+                busy = watch.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if busy:
+                    raise RuntimeError("the WAL checkpoint could not complete")
+                compact = path.with_name(f"compact-{mark}.db")
+                watch.execute("VACUUM INTO ?", (str(compact),))
+                gc.collect()
+                print(json.dumps({"finished": finished, "rss_kb": rss_kb(),
+                                  "bytes": path.stat().st_size,
+                                  "compact": compact.stat().st_size}), flush=True)
+                compact.unlink()
+
+
+def bench_memory(folder: Path, sizes: Sizes) -> list[Row]:
+    low, high = sizes.memory
+    progress(f"6/6: journal bytes per step; RSS after {low:,} and {high:,} finished workflows")
+    folder.mkdir()
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(folder / "mem.db"),
+                          str(low), str(high)], capture_output=True, text=True, check=True,
+                         timeout=1800).stdout
+    first, last = (json.loads(line) for line in out.splitlines()[-2:])
+    steps = (last["finished"] - first["finished"]) * STEPS
+    per_step = (last["bytes"] - first["bytes"]) / steps
+    compact = (last["compact"] - first["compact"]) / steps
+    growth = last["rss_kb"] / first["rss_kb"]
+    return [
+        Row("6 journal bytes per step",
+            f"{per_step:,.0f} B/step (file growth {low:,} -> {high:,} workflows, "
+            "after a checkpoint)",
+            f"same journal VACUUMed: {compact:,.0f} B/step", f"{per_step / compact:.2f}x"),
+        Row(f"6 RSS after {low:,} vs {high:,} finished",
+            f"{last['rss_kb'] / 1024:.1f} MB after {high:,}",
+            f"{first['rss_kb'] / 1024:.1f} MB after {low:,}",
+            f"{growth:.2f}x", verdict(sizes, "flat (<= 1.10x)", growth <= 1.10)),
+    ]
+
+
+# MAIN.
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="every scenario at tiny sizes: a smoke test of a few seconds")
+    parser.add_argument("--crash-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.crash_child:
+        asyncio.run(crash_child(Path(args.crash_child[0]), int(args.crash_child[1])))
+        return 0
+    if args.memory_child:
+        path, *marks = args.memory_child
+        asyncio.run(memory_child(Path(path), [int(m) for m in marks]))
+        return 0
+    sizes = QUICK_RUN if args.quick else FULL_RUN
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        folder = Path(tmp)
+        rows = [
+            *bench_sequential(folder, sizes),
+            *bench_concurrent(folder, sizes),
+            *bench_http(folder / "http", sizes),
+            *bench_recovery(folder / "recovery", sizes),
+            *bench_memory(folder / "memory", sizes),
+        ]
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    print_table(rows, sizes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
