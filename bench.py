@@ -17,14 +17,12 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -244,60 +242,127 @@ async def start_all(dur: Durable, workflow: Callable[..., Any], prefix: str, cou
 
 
 # FLOOR: plain sqlite3 making the commits durable.py makes, and nothing else.
-# It executes durable.py's own SQL on durable.py's own schema, so it follows changes
-# to either; what it leaves out is everything in Python around the commits.
+# The floor does not copy durable.py's SQL: it records the statements durable.py
+# executes for one workflow (through a sqlite3.Connection subclass) and replays them,
+# so it follows every change to the schema or the statements.
 
-_FLOOR_OWNER = "bench|0|0|floor"
+Statement = tuple[str, tuple[Any, ...]]
 
 
-def floor_connect(path: Path, synchronous: str, *, create: bool = True) -> sqlite3.Connection:
-    """A connection with the pragmas durable.py's _connect() sets."""
+class _Recording(sqlite3.Connection):
+    """A connection that notes each statement it executes, with its parameters."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statements: list[Statement] = []
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        self.statements.append((sql, tuple(parameters)))
+        return super().execute(sql, parameters)
+
+
+@contextlib.contextmanager
+def recording(connections: list[_Recording]) -> Iterator[None]:
+    """Connections opened meanwhile (durable.py's own) record what they execute."""
+    real = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real(*args, **kwargs, factory=_Recording)
+        connections.append(conn)  # type: ignore[arg-type]
+        return conn
+
+    sqlite3.connect = connect  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sqlite3.connect = real  # type: ignore[assignment]
+
+
+def write_transactions(statements: list[Statement]) -> list[list[Statement]]:
+    """The write transactions among recorded statements, without BEGIN and COMMIT and
+    without durable.py's per-operation savepoints (its bookkeeping, not the data)."""
+    transactions: list[list[Statement]] = []
+    current: list[Statement] | None = None
+    for sql, params in statements:
+        head = " ".join(sql.split()).upper()
+        if head.startswith("BEGIN IMMEDIATE"):
+            current = []
+        elif head == "COMMIT" and current is not None:
+            transactions.append(current)
+            current = None
+        elif current is not None and not head.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
+            current.append((sql, params))
+    return transactions
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """What durable.py commits for one sequential `four_steps` workflow."""
+
+    workflow_id: str
+    transactions: list[list[Statement]]  # one list of statements per commit
+    wal_commits: float  # commits per workflow as counted in the WAL file
+
+    def for_workflow(self, wf_id: str) -> list[list[Statement]]:
+        return [[(sql, tuple(wf_id if p == self.workflow_id else p for p in params))
+                 for sql, params in transaction] for transaction in self.transactions]
+
+
+async def learn_commits(path: Path, count: int = 10) -> Template:
+    """Run `count` workflows one by one, recording durable.py's statements, and count
+    their commits twice: by the recorded transactions and by the commit frames in the
+    WAL (few enough workflows that no checkpoint restarts the log meanwhile)."""
+    connections: list[_Recording] = []
+    dur = journal(path)
+    with recording(connections):
+        await dur.open()
+    try:
+        await (await dur.run("warm", four_steps, 0)).result()
+        for conn in connections:
+            conn.statements.clear()
+        before = wal_commits(str(path))
+        for i in range(count):
+            await (await dur.run(f"template-{i}", four_steps, i)).result()
+        in_wal = (wal_commits(str(path)) - before) / count
+        transactions = [t for conn in connections for t in write_transactions(conn.statements)]
+    finally:
+        await dur.close()
+    mine = [t for t in transactions if any("template-0" in params for _, params in t)]
+    if len(transactions) != len(mine) * count:
+        raise RuntimeError(f"{len(transactions)} transactions for {count} workflows, "
+                           f"{len(mine)} for the first: the workflows shared commits")
+    return Template("template-0", mine, in_wal)
+
+
+async def create_journal(path: Path) -> None:
+    """An empty journal, schema made by durable.py itself."""
+    async with Durable(path):
+        pass
+
+
+def floor_connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    """A plain connection with the pragmas durable.py sets: WAL, `synchronous`, and
+    foreign keys (they cost a lookup per step row)."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
-    if create:
-        for statements in durable._MIGRATIONS:
-            for sql in statements:
-                conn.execute(sql)
     return conn
 
 
-def floor_commits(wf_id: str, n: int) -> list[list[tuple[str, tuple[Any, ...]]]]:
-    """The commits of one `four_steps(n)` workflow, as durable.py groups them today:
-    run()'s insert; step 1's first attempt; each step's result with the next step's
-    start; the last step's result with the workflow's."""
-    now = time.time()
-    text = json.dumps({"args": [n], "kwargs": {}}, separators=(",", ":"))
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    touch = (durable._TOUCH_WORKFLOW, (now, wf_id, _FLOOR_OWNER))
-
-    def begin(seq: int) -> tuple[str, tuple[Any, ...]]:
-        return durable._BEGIN_ATTEMPT, (wf_id, seq, "add_one", 1, None, now, now)
-
-    def finish(seq: int) -> tuple[str, tuple[Any, ...]]:
-        return durable._FINISH_STEP, ("done", str(n + seq), None, now, now, wf_id, seq)
-
-    return [
-        [(durable._INSERT_WORKFLOW, (wf_id, "four_steps", text, digest, _FLOOR_OWNER, now, now))],
-        [touch, begin(1)],
-        *([touch, finish(seq), begin(seq + 1)] for seq in range(1, STEPS)),
-        [touch, finish(STEPS),
-         (durable._FINISH_WORKFLOW, ("done", str(n + STEPS), None, now, now, wf_id))],
-    ]
-
-
-def floor(path: Path, synchronous: str, count: int, together: int) -> Timing:
-    """`count` workflows' commits, `together` workflows sharing each commit (as
+def floor(path: Path, synchronous: str, template: Template, count: int,
+          together: int) -> Timing:
+    """`count` workflows' commits replayed, `together` workflows sharing each commit (as
     durable.py's group commit would at best); together=1 is one after another."""
+    asyncio.run(create_journal(path))
     latencies: list[float] = []
     with contextlib.closing(floor_connect(path, synchronous)) as conn:
         cpu, start = time.process_time(), time.perf_counter()
         for first in range(0, count, together):
             began = time.perf_counter()
-            plans = [floor_commits(f"floor-{i}", i)
+            plans = [template.for_workflow(f"floor-{i}")
                      for i in range(first, min(first + together, count))]
-            for k in range(len(plans[0])):
+            for k in range(len(template.transactions)):
                 conn.execute("BEGIN IMMEDIATE")
                 for plan in plans:
                     for sql, params in plan[k]:
@@ -309,17 +374,6 @@ def floor(path: Path, synchronous: str, count: int, together: int) -> Timing:
 
 
 # SCENARIOS 1 AND 2: sequential workflows against the floor.
-
-
-async def commits_per_workflow(path: Path, count: int = 10) -> float:
-    """Count the commits sequential workflows make, in the WAL itself (few enough
-    workflows that no checkpoint restarts the log meanwhile)."""
-    async with journal(path) as dur:
-        await (await dur.run("warm", four_steps, 0)).result()
-        before = wal_commits(str(path))
-        for i in range(count):
-            await (await dur.run(f"count-{i}", four_steps, i)).result()
-        return (wal_commits(str(path)) - before) / count
 
 
 async def durable_sequential(path: Path, synchronous: str, count: int) -> Timing:
@@ -337,18 +391,17 @@ async def durable_sequential(path: Path, synchronous: str, count: int) -> Timing
                       tuple(latencies))
 
 
-def bench_sequential(folder: Path, sizes: Sizes) -> list[Row]:
-    progress("1-2/6: commits per workflow; sequential workflows against the sqlite3 floor")
-    commits = asyncio.run(commits_per_workflow(folder / "count.db"))
-    floor_commit_count = len(floor_commits("x", 0))
-    if commits != floor_commit_count:
-        progress(f"WARNING: durable.py made {commits:g} commits per workflow; the floor "
-                 f"makes {floor_commit_count}: update floor_commits()")
+def bench_sequential(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
+    progress("1-2/6: sequential workflows against the sqlite3 floor")
+    commits = len(template.transactions)
+    if template.wal_commits != commits:
+        progress(f"WARNING: {commits} write transactions per workflow recorded, but "
+                 f"{template.wal_commits:g} commits counted in the WAL")
     floors: dict[str, list[Timing]] = {"FULL": [], "NORMAL": []}
     durables: dict[str, list[Timing]] = {"FULL": [], "NORMAL": []}
     for r in range(sizes.rounds):
         for sync in ("FULL", "NORMAL"):
-            floors[sync].append(floor(folder / f"floor-{sync}-{r}.db", sync,
+            floors[sync].append(floor(folder / f"floor-{sync}-{r}.db", sync, template,
                                       sizes.sequential, 1))
             durables[sync].append(asyncio.run(
                 durable_sequential(folder / f"seq-{sync}-{r}.db", sync, sizes.sequential)))
@@ -357,8 +410,8 @@ def bench_sequential(folder: Path, sizes: Sizes) -> list[Row]:
     ratio = mine.per_workflow / base.per_workflow
     rows.append(Row(
         "1 floor: sequential 4-step, FULL",
-        f"{ms(mine.per_workflow)}/wf, {commits:g} commits/wf (counted in the WAL)",
-        f"sqlite3, same {floor_commit_count} commits: {ms(base.per_workflow)}/wf",
+        f"{ms(mine.per_workflow)}/wf; {commits} commits/wf ({template.wal_commits:g} in the WAL)",
+        f"sqlite3, the same {commits} commits: {ms(base.per_workflow)}/wf",
         f"{ratio:.2f}x", verdict(sizes, "<= 1.5x", ratio <= 1.5)))
     for sync in ("FULL", "NORMAL"):
         base, mine = median_timing(floors[sync]), median_timing(durables[sync])
@@ -389,14 +442,14 @@ async def durable_concurrent(path: Path, synchronous: str, count: int) -> Timing
             return Timing(last_finished_at(watch) - wall, cpu, count)
 
 
-def bench_concurrent(folder: Path, sizes: Sizes) -> list[Row]:
+def bench_concurrent(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
     progress(f"3/6: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
     rows = []
     for sync in ("FULL", "NORMAL"):
         floors, durables = [], []
         for r in range(sizes.rounds):
-            floors.append(floor(folder / f"cfloor-{sync}-{r}.db", sync, sizes.concurrent,
-                                sizes.concurrent))
+            floors.append(floor(folder / f"cfloor-{sync}-{r}.db", sync, template,
+                                sizes.concurrent, sizes.concurrent))
             durables.append(asyncio.run(
                 durable_concurrent(folder / f"con-{sync}-{r}.db", sync, sizes.concurrent)))
         base, mine = median_timing(floors), median_timing(durables)
@@ -408,7 +461,7 @@ def bench_concurrent(folder: Path, sizes: Sizes) -> list[Row]:
         rows.append(Row(
             f"3 {sizes.concurrent:,} concurrent 4-step, {sync}",
             f"{mine.rate:,.0f} wf/s, {mine.rate * STEPS:,.0f} steps/s, {cpu_ms:.3f} ms CPU/wf",
-            f"floor, {len(floor_commits('x', 0))} group commits: {base.rate:,.0f} wf/s, "
+            f"floor, {len(template.transactions)} group commits: {base.rate:,.0f} wf/s, "
             f"{base.cpu / base.count * 1000:.3f} ms CPU/wf",
             f"{mine.per_workflow / base.per_workflow:.2f}x", goal))
     return rows
@@ -500,9 +553,10 @@ def server(folder: Path, module: str, app_dir: Path) -> Iterator[str]:
             try:
                 httpx.get(url + "/", timeout=1)
                 break
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{module} did not start:\n{log.read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"{module} did not start:\n{log.read_text()[-2000:]}") from exc
                 time.sleep(0.05)
         yield url
     finally:
@@ -583,6 +637,8 @@ def bench_http(folder: Path, sizes: Sizes) -> list[Row]:
 
 # SCENARIO 5: recovery of unfinished workflows left by a process killed with SIGKILL.
 
+_FLOOR_OWNER = "bench|0|0|floor"
+
 
 async def crash_child(path: Path, count: int) -> None:
     """In the doomed child: start `count` workflows that all stop in step 2, then wait
@@ -639,19 +695,24 @@ async def durable_recovery(path: Path, count: int) -> tuple[float, float, float]
 
 
 def floor_recovery(path: Path) -> float:
-    """Plain sqlite3, one transaction: claim every unfinished workflow, load it and its
-    steps, and journal step 2's next attempt for each, as the least a resume takes."""
-    with contextlib.closing(floor_connect(path, "FULL", create=False)) as conn:
+    """Plain sqlite3, one transaction: claim every unfinished workflow with one UPDATE,
+    read them and their steps, and journal one more attempt of step 2 for each: the
+    least SQL a resume needs, written against the journal's tables."""
+    with contextlib.closing(floor_connect(path, "FULL")) as conn:
         start = time.perf_counter()
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("UPDATE workflows SET owner = ?, updated_at = ? "
                      "WHERE state IN ('pending', 'running')", (_FLOOR_OWNER, now))
-        workflows = conn.execute(durable._SELECT_OWNED, (_FLOOR_OWNER,)).fetchall()
-        conn.execute(durable._SELECT_OWNED_STEPS, (_FLOOR_OWNER,)).fetchall()
-        for wf_id, _name, _input in workflows:
-            conn.execute(durable._TOUCH_WORKFLOW, (now, wf_id, _FLOOR_OWNER))
-            conn.execute(durable._BEGIN_ATTEMPT, (wf_id, 2, "hold", 2, None, now, now))
+        workflows = conn.execute("SELECT * FROM workflows WHERE owner = ? "
+                                 "AND state IN ('pending', 'running')",
+                                 (_FLOOR_OWNER,)).fetchall()
+        conn.execute("SELECT s.* FROM steps s JOIN workflows w ON w.id = s.workflow_id "
+                     "WHERE w.owner = ? AND w.state IN ('pending', 'running')",
+                     (_FLOOR_OWNER,)).fetchall()
+        conn.executemany("UPDATE steps SET attempts = attempts + 1, updated_at = ? "
+                         "WHERE workflow_id = ? AND seq = 2",
+                         [(now, row[0]) for row in workflows])
         conn.execute("COMMIT")
         return time.perf_counter() - start
 
@@ -763,9 +824,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
         folder = Path(tmp)
+        progress("0/6: recording what durable.py commits for one workflow")
+        template = asyncio.run(learn_commits(folder / "template.db"))
         rows = [
-            *bench_sequential(folder, sizes),
-            *bench_concurrent(folder, sizes),
+            *bench_sequential(folder, sizes, template),
+            *bench_concurrent(folder, sizes, template),
             *bench_http(folder / "http", sizes),
             *bench_recovery(folder / "recovery", sizes),
             *bench_memory(folder / "memory", sizes),

@@ -31,9 +31,11 @@ SPDX-License-Identifier: MIT
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -45,6 +47,7 @@ import random
 import secrets
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -1647,3 +1650,166 @@ class Durable:
             await self._resume([(workflow_id, self._owner, True)])
         except DurableError as exc:
             self._retry_later(workflow_id, exc)
+
+
+# COMMAND LINE: python durable.py JOURNAL list|show|retry|cancel|prune
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _age(text: str) -> float:
+    number, unit = text[:-1], text[-1:]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _AGE_UNITS or not value >= 0:
+        raise ValueError(f"{text!r} is not an age like 7d, 12h, 30m or 90s")
+    return value * _AGE_UNITS[unit]
+
+
+def _utc(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) + \
+        f".{int(timestamp % 1 * 1000):03d}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                     .rstrip() for row in rows)
+
+
+def _error_text(error: dict[str, Any] | None) -> str:
+    return f"{error.get('type')}: {error.get('message')}" if error else ""
+
+
+def _where_now(status: Status) -> str:
+    if status.state == "failed":
+        step = (status.error or {}).get("step")
+        return f"failed: {_error_text(status.error)}" + (f" (step {step!r})" if step else "")
+    if status.state in ("done", "cancelled"):
+        return status.state
+    if not status.steps:
+        return "pending: accepted, no step started yet"
+    last = status.steps[-1]
+    if last.state != "running":
+        return f"running: step {last.seq} {last.name!r} is {last.state}, the next one is starting"
+    if last.name == _SleepCall.name:
+        return f"sleeping in step {last.seq} until {_utc(last.result)} UTC " \
+               f"({max(0.0, last.result - time.time()):.1f}s from now)"
+    return f"running step {last.seq} {last.name!r}, attempt {last.attempts}, " \
+           f"for {time.time() - last.updated_at:.1f}s"
+
+
+def _show(status: Status) -> str:
+    lines = [f"workflow {status.id!r} ({status.name}): {status.state}",
+             f"  created   {_utc(status.created_at)} UTC"]
+    if status.finished_at is not None:
+        lines.append(f"  finished  {_utc(status.finished_at)} UTC "
+                     f"(+{status.finished_at - status.created_at:.3f}s)")
+    if status.state == "done":
+        lines.append(f"  result    {_dumps(status.result)}")
+    rows = [["  #", "step", "state", "attempts", "started", "took", "error"]]
+    for step in status.steps:
+        took = "" if step.finished_at is None else f"{step.finished_at - step.started_at:.3f}s"
+        rows.append([f"  {step.seq}", step.name, step.state, str(step.attempts),
+                     f"+{step.started_at - status.created_at:.3f}s", took,
+                     _error_text(step.error)])
+        for failure in step.failed_attempts if step.attempts > 1 else ():
+            end = failure.get("finished_at")
+            lasted = "" if end is None else f"{end - failure['started_at']:.3f}s"
+            rows.append(["", f"  attempt {failure['attempt']}", "failed", "",
+                         f"+{failure['started_at'] - status.created_at:.3f}s", lasted,
+                         _error_text(failure.get("error"))])
+    if status.steps:
+        lines += ["", _table(rows)]
+    lines += ["", f"  now: {_where_now(status)}"]
+    return "\n".join(lines)
+
+
+def _command_line(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python durable.py",
+        description="See and steer the workflows in a durable.py journal. Safe to use "
+                    "while a service writes the same file.")
+    parser.add_argument("journal", help="the journal file (SQLite)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = commands.add_parser("list", help="list workflows, newest first")
+    listing.add_argument("--state", choices=[*_UNFINISHED, *_FINISHED])
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    show = commands.add_parser("show", help="one workflow's step timeline")
+    show.add_argument("id")
+    retry = commands.add_parser("retry", help="run a failed workflow again from its failed step")
+    retry.add_argument("id")
+    cancel = commands.add_parser("cancel", help="cancel an unfinished workflow")
+    cancel.add_argument("id")
+    prune = commands.add_parser("prune", help="delete workflows finished longer ago than AGE")
+    prune.add_argument("age", help="like 7d, 12h, 30m or 90s")
+    for sub in (listing, show, retry, cancel, prune):
+        sub.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    if args.command == "prune":
+        try:
+            age = _age(args.age)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+    try:
+        if not os.path.exists(args.journal):
+            raise JournalError(f"no journal at {args.journal!r}")
+        conn = _connect(args.journal, "FULL", 5.0)
+    except DurableError as exc:
+        print(f"durable: {exc}", file=sys.stderr)
+        return 1
+    try:
+        output: Any
+        if args.command == "list":
+            rows = conn.execute(_SELECT_LIST, (args.state, args.state, args.limit)).fetchall()
+            output = [{"id": r[0], "name": r[1], "state": r[2], "created_at": r[3],
+                       "updated_at": r[4], "finished_at": r[5], "steps": r[6]} for r in rows]
+            text = _table([["ID", "WORKFLOW", "STATE", "STEPS", "CREATED (UTC)", "TOOK"]] + [
+                [w["id"], w["name"], w["state"], str(w["steps"]), _utc(w["created_at"]),
+                 "" if w["finished_at"] is None
+                 else f"{w['finished_at'] - w['created_at']:.3f}s"] for w in output
+            ]) if output else "no workflows"
+        elif args.command == "show":
+            status = _read_status(conn, args.id)
+            output, text = dataclasses.asdict(status), _show(status)
+        elif args.command == "cancel":
+            with _transaction(conn):
+                cancelled = _cancel(conn, args.id)
+            output = {"id": args.id, "cancelled": cancelled}
+            text = f"cancelled workflow {args.id!r}" if cancelled else \
+                f"workflow {args.id!r} had finished already; nothing to cancel"
+        elif args.command == "retry":
+            with _transaction(conn):
+                seq = _retry(conn, args.id)
+            output = {"id": args.id, "restarts_at_step": seq}
+            where = f"step {seq}" if seq else "the top"
+            text = (f"workflow {args.id!r} is pending again and restarts at {where}; a "
+                    "running service that registers it picks it up within seconds, "
+                    "otherwise the next one to start")
+        else:
+            cutoff, pruned = time.time() - age, 0
+            while True:
+                with _transaction(conn):
+                    deleted = _prune(conn, cutoff, 500)
+                pruned += deleted
+                if deleted < 500:
+                    break
+            output = {"pruned": pruned}
+            text = f"pruned {pruned} finished workflow(s) older than {args.age}"
+    except (DurableError, sqlite3.Error) as exc:
+        print(f"durable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    print(json.dumps(output, indent=2, ensure_ascii=False) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_command_line())
