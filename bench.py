@@ -84,8 +84,8 @@ def print_table(rows: list[Row], sizes: Sizes) -> None:
     widths = [max(len(line[i]) for line in cells) for i in range(5)]
     print(f"durable.py {durable.__version__} benchmark ({sizes.name} run): Python "
           f"{sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs; "
-          f"times are medians of {sizes.rounds} round(s); ratio = durable.py / baseline "
-          "(time: lower is better)")
+          f"medians of {sizes.rounds} round(s); ratio: durable.py's time or size over the "
+          "baseline's (lower is better), unless it says '% of'")
     for n, line in enumerate(cells):
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
               + " |")
@@ -137,6 +137,10 @@ def percentile(values: tuple[float, ...] | list[float], p: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
+
+
+def secs(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else ms(seconds)
 
 
 def rss_kb() -> int:
@@ -742,12 +746,12 @@ def bench_recovery(folder: Path, sizes: Sizes) -> list[Row]:
     base_done = asyncio.run(durable_fresh(folder / "fresh.db", count))
     return [
         Row(f"5 recovery of {count:,}: open() -> all resumed",
-            f"{resumed:.2f} s (open() returned after {opened:.2f} s)",
-            f"sqlite3 claim + load + journal attempts: {base_resume:.2f} s",
+            f"{secs(resumed)} (open() returned after {secs(opened)})",
+            f"sqlite3 claim + load + journal attempts: {secs(base_resume)}",
             f"{resumed / base_resume:.2f}x", verdict(sizes, "<= 2 s", resumed <= 2)),
         Row(f"5 recovery of {count:,}: open() -> all done",
-            f"{done:.2f} s",
-            f"{count:,} new workflows, run() -> all done: {base_done:.2f} s",
+            secs(done),
+            f"{count:,} new workflows, run() -> all done: {secs(base_done)}",
             f"{done / base_done:.2f}x"),
     ]
 

@@ -1,10 +1,11 @@
-"""The README's curl walkthrough, run against a real server: its outputs cannot drift.
+"""The README's walkthrough, run against a real server: its outputs cannot drift.
 
 Each ```console block holds `$ command` lines followed by the command's output;
 each ```log block holds lines the server must have logged by then. `make run`
-(with environment settings before it) restarts the server; curl commands run in a
-shell against it. Charge ids, clock times and retry delays are compared as
-placeholders. `python test_walkthrough.py` prints what each command prints now.
+(with environment settings before it) restarts the server; other commands (curl,
+`python durable.py`) run in a shell in the server's folder. Charge ids, clock
+times, durations and retry delays are compared as placeholders, and runs of spaces
+as one. `python test_walkthrough.py` prints what each command prints now.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ PLACEHOLDERS = [
     (re.compile(r"ch_[0-9a-f]{16}"), "ch_<id>"),
     (re.compile(r"^\d\d:\d\d:\d\d ", re.MULTILINE), ""),
     (re.compile(r"retrying in \d+\.\d+s"), "retrying in <delay>"),
+    (re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"), "<time>"),
+    (re.compile(r"[+]?\d+\.\d{3}s"), "<duration>"),
+    (re.compile(r" {2,}"), " "),
 ]
 
 
 @dataclass
 class Step:
-    kind: str  # "run" (restart the server), "curl" or "log"
+    kind: str  # "run" (restart the server), "shell" or "log"
     text: str  # the command, or the log lines
     expected: str
 
@@ -44,7 +48,7 @@ def steps() -> list[Step]:
             continue
         for chunk in re.split(r"^\$ ", body, flags=re.MULTILINE)[1:]:
             command, _, output = chunk.partition("\n")
-            found.append(Step("run" if MAKE_RUN.fullmatch(command) else "curl", command,
+            found.append(Step("run" if MAKE_RUN.fullmatch(command) else "shell", command,
                               output))
     return found
 
@@ -73,11 +77,12 @@ class Walk:
         self.service.start(**env)
         self.crashing = "CRASH_AT" in env
 
-    def curl(self, command: str) -> str:
+    def shell(self, command: str) -> str:
         command = command.replace("localhost:8000", f"127.0.0.1:{self.service.port}")
+        command = command.replace("python durable.py", f"{sys.executable} {HERE / 'durable.py'}")
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
-                                timeout=30)
-        return result.stdout
+                                cwd=self.service.folder, timeout=30)
+        return result.stdout + result.stderr
 
     def current_log(self) -> str:
         return self.service.logs[-1].read_text(errors="replace")
@@ -95,8 +100,9 @@ class Walk:
                     return step.expected
                 actual = self.current_log()
             else:
-                actual = self.curl(step.text)
-                if " -d " in step.text or normal(actual) == normal(step.expected):
+                actual = self.shell(step.text)
+                if " -d " in step.text or " retry " in step.text \
+                        or normal(actual) == normal(step.expected):
                     return actual
             if time.monotonic() > deadline:
                 return actual
@@ -106,7 +112,7 @@ class Walk:
 def test_readme_walkthrough_outputs_match_a_real_server(tmp_path: Path) -> None:
     walk = Walk(tmp_path)
     all_steps = steps()
-    assert sum(s.kind == "curl" for s in all_steps) >= 12
+    assert sum(s.kind == "shell" for s in all_steps) >= 12
     try:
         for step in all_steps:
             if step.kind == "run":
@@ -127,7 +133,7 @@ if __name__ == "__main__":
                 if step.kind == "run":
                     walk.restart(step.text)
                     print(f"$ {step.text}")
-                elif step.kind == "curl":
+                elif step.kind == "shell":
                     print(f"$ {step.text}\n{walk.check(step).rstrip()}")
                 else:
                     time.sleep(0.5)
