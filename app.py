@@ -29,7 +29,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from durable import Durable, IdempotencyConflict, NotFound, Permanent, StepFailed
+from durable import (
+    Durable,
+    IdempotencyConflict,
+    InvalidInput,
+    JournalError,
+    NotFound,
+    Permanent,
+    StepFailed,
+)
 
 HOST = os.environ.get("HOST", "127.0.0.1")
 PORT = int(os.environ.get("PORT", "8000"))
@@ -346,7 +354,7 @@ async def create_order(request: Request) -> JSONResponse:
 async def order_status(request: Request) -> JSONResponse:
     try:
         status = await (await dur.get(request.path_params["order_id"])).status()
-    except NotFound:
+    except (NotFound, InvalidInput):  # no such id, or one that no order can have
         return JSONResponse({"status": "not_found"}, status_code=404)
     if status.state == "done":
         return JSONResponse({"status": "done", "result": status.result})
@@ -376,6 +384,14 @@ def list_stock(request: Request) -> JSONResponse:
     return JSONResponse({"stock": dict(rows)})
 
 
+async def journal_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The journal refused a read or write (full disk, locked, read-only): nothing was
+    # accepted, so the client may try again later.
+    log.error("journal unavailable: %s", exc)
+    return JSONResponse({"error": "the order journal is unavailable; try again later"},
+                        status_code=503, headers={"Retry-After": "5"})
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     setup_providers()
@@ -395,7 +411,8 @@ routes = [
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s",
                     datefmt="%H:%M:%S")
-app = Starlette(routes=routes, lifespan=lifespan)
+app = Starlette(routes=routes, lifespan=lifespan,
+                exception_handlers={JournalError: journal_unavailable})
 
 
 if __name__ == "__main__":
