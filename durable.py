@@ -404,6 +404,26 @@ def _owner_is_dead(owner: str, host: str) -> bool:
 # JOURNAL: connections, schema, transactions, and the one writer thread.
 
 
+# What to do about an SQLite error, by its primary result code.
+_ADVICE = {
+    "SQLITE_READONLY": "the journal file or its folder is read-only; make both writable",
+    "SQLITE_CANTOPEN": "the journal cannot be opened; its folder must exist and be writable "
+                       "(WAL mode keeps -wal and -shm files beside it)",
+    "SQLITE_FULL": "the disk, or the journal's size limit, is full; free some space",
+    "SQLITE_BUSY": "another connection held the write lock longer than busy_timeout",
+    "SQLITE_LOCKED": "another connection held the write lock longer than busy_timeout",
+    "SQLITE_CORRUPT": "the journal file is damaged; restore it from a backup",
+    "SQLITE_NOTADB": "the file is not an SQLite database",
+    "SQLITE_IOERR": "the disk reported an I/O error",
+}
+
+
+def _journal_error(what: str, exc: sqlite3.Error) -> JournalError:
+    code = getattr(exc, "sqlite_errorname", "").split("_")[:2]
+    advice = _ADVICE.get("_".join(code))
+    return JournalError(f"{what}: {exc}" + (f" ({advice})" if advice else ""))
+
+
 def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
     """Open the journal, refuse a file that is not one, and bring its schema up to date."""
     try:
@@ -411,7 +431,7 @@ def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connec
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                check_same_thread=False)
     except sqlite3.Error as exc:
-        raise JournalError(f"cannot open journal {path!r}: {exc}") from None
+        raise _journal_error(f"cannot open journal {path!r}", exc) from None
     try:
         # Wait this long for another process's write lock instead of failing at once.
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -428,7 +448,7 @@ def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connec
             _migrate(conn, path)
     except sqlite3.Error as exc:
         conn.close()
-        raise JournalError(f"cannot use journal {path!r}: {exc}") from None
+        raise _journal_error(f"cannot use journal {path!r}", exc) from None
     except BaseException:
         conn.close()
         raise
@@ -440,6 +460,8 @@ def _check_schema(conn: sqlite3.Connection, path: str) -> int:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.OperationalError as exc:  # locked, or cannot be opened as it should
+        raise _journal_error(f"cannot use journal {path!r}", exc) from None
     except sqlite3.DatabaseError as exc:
         raise JournalError(
             f"{path!r} is not a durable.py journal ({exc}); give Durable a new file "
@@ -545,14 +567,17 @@ class _Writer:
                     conn.execute("SAVEPOINT op")
                     try:
                         outcomes.append((True, op(conn)))
+                    except sqlite3.Error as exc:
+                        if not conn.in_transaction:
+                            raise  # SQLite rolled back all of it (a full disk may)
+                        conn.execute("ROLLBACK TO op")
+                        outcomes.append((False, _journal_error("journal write failed", exc)))
                     except (Exception, _Interrupted) as exc:
                         conn.execute("ROLLBACK TO op")
-                        if isinstance(exc, sqlite3.Error):
-                            exc = JournalError(f"journal write failed: {exc}")
                         outcomes.append((False, exc))
                     conn.execute("RELEASE op")
-        except sqlite3.Error as exc:
-            error = JournalError(f"journal write failed: {exc}")
+        except sqlite3.Error as exc:  # nothing of the batch was committed
+            error = _journal_error("journal write failed", exc)
             return [(False, error)] * len(ops)
         return outcomes
 
@@ -1285,7 +1310,7 @@ class Durable:
             try:
                 return fn(conn)
             except sqlite3.Error as exc:
-                raise JournalError(f"journal read failed: {exc}") from None
+                raise _journal_error("journal read failed", exc) from None
 
         try:
             return await asyncio.get_running_loop().run_in_executor(reader, query)

@@ -93,7 +93,8 @@ class Service:
     def post(self, body: Any, **kwargs: Any) -> httpx.Response:
         if not isinstance(body, bytes | str):
             body = json.dumps(body)
-        return httpx.post(f"{self.url}/orders", content=body, timeout=10, **kwargs)
+        kwargs.setdefault("timeout", 10)
+        return httpx.post(f"{self.url}/orders", content=body, **kwargs)
 
     def status(self, order_id: str) -> httpx.Response:
         return httpx.get(f"{self.url}/orders/{order_id}/status", timeout=10)

@@ -1,0 +1,510 @@
+"""The fault suite: kill it, starve it, feed it garbage; nothing accepted is lost.
+
+`python test_faults.py --kills 40` is the long version (`make torture`): the order
+service under a stream of orders, killed with SIGKILL at random moments, ending with
+one line of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from durable import Durable, JournalError
+from test_app import ORDER, Service
+
+HERE = Path(__file__).resolve().parent
+
+
+def count(db: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(sql, params).fetchone()[0])
+    finally:
+        conn.close()
+
+
+# The SIGKILL loop.
+
+
+@dataclass
+class Torture:
+    seed: int
+    kills: int = 0
+    accepted: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    double_charged: list[str] = field(default_factory=list)
+    double_emailed: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"torture: {self.kills} kills, {len(self.accepted)} orders accepted, "
+                f"{len(self.lost)} lost, {len(self.double_charged)} double charges, "
+                f"{len(self.double_emailed)} duplicate emails (seed {self.seed})")
+
+
+def feed(service: Service, seed: int, stop: threading.Event, accepted: list[str],
+         pause: float) -> None:
+    """POST new orders until stopped; keep the ids that got a 202."""
+    n = 0
+    with httpx.Client(timeout=5) as client:
+        while not stop.is_set():
+            n += 1
+            order_id = f"ord_{seed}_{n}"
+            body = {**ORDER, "id": order_id,
+                    "items": [{"sku": "widget-pro", "qty": 1 + n % 3, "price": 1999}]}
+            try:
+                response = client.post(f"{service.url}/orders", content=json.dumps(body))
+                if response.status_code == 202:
+                    accepted.append(order_id)
+                else:
+                    assert response.status_code == 503, response.text
+            except httpx.TransportError:
+                time.sleep(0.02)  # down: being killed or restarting
+            time.sleep(pause)
+
+
+def torture(folder: Path, seed: int, kills: int, pause: float = 0.002) -> Torture:
+    """Run the order service under a stream of orders, SIGKILL it `kills` times at
+    seeded random moments, restart it, and count what became of each 202."""
+    rng = random.Random(seed)
+    report = Torture(seed)
+    service = Service(folder)
+    stop = threading.Event()
+    feeder = threading.Thread(target=feed, args=(service, seed, stop, report.accepted, pause))
+    try:
+        service.start()
+        feeder.start()
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.2, 1.0))
+            assert service.proc is not None
+            service.proc.send_signal(signal.SIGKILL)
+            service.proc.wait()
+            report.kills += 1
+            service.start()
+        time.sleep(rng.uniform(0.2, 0.5))
+        stop.set()
+        feeder.join()
+        settle(folder / "orders.db", report.accepted)
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join()
+        service.stop()
+    journal, providers = folder / "orders.db", folder / "orders-providers.db"
+    done = {row[0] for row in query(journal, "SELECT id FROM workflows WHERE state = 'done'")}
+    charges = Counter(row[0] for row in query(providers, "SELECT order_id FROM charges"))
+    emails = Counter(row[0] for row in query(providers, "SELECT order_id FROM outbox"))
+    for order_id in report.accepted:
+        if order_id not in done or charges[order_id] == 0 or emails[order_id] == 0:
+            report.lost.append(order_id)
+    report.double_charged = [o for o, n in charges.items() if n > 1]
+    report.double_emailed = [o for o, n in emails.items() if n > 1]
+    return report
+
+
+def query(db: Path, sql: str) -> list[Any]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def settle(journal: Path, accepted: list[str], timeout: float = 60) -> None:
+    """Wait until no accepted order is unfinished (the service is running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not count(journal, "SELECT count(*) FROM workflows WHERE state IN "
+                              "('pending', 'running')"):
+            return
+        time.sleep(0.1)
+
+
+def test_sigkill_loop_loses_no_accepted_order_and_charges_each_once(tmp_path: Path) -> None:
+    seed = int(os.environ.get("TORTURE_SEED", random.randrange(1_000_000)))
+    print(f"fault loop seed {seed} (replay: TORTURE_SEED={seed})")
+    report = torture(tmp_path, seed, kills=5)
+    print(report.line())
+    assert report.kills == 5 and report.accepted
+    assert (report.lost, report.double_charged, report.double_emailed) == ([], [], []), \
+        report.line()
+
+
+# Kill points in the library: at every step boundary and inside every step.
+
+KILLABLE = textwrap.dedent("""
+    import asyncio, json, os, sys
+    from durable import Durable
+
+    db, marks, kill_at = sys.argv[1], sys.argv[2], sys.argv[3]
+    dur = Durable(db)
+
+    def point(name):
+        if name == kill_at:
+            os._exit(9)
+
+    def step(n, x):
+        with open(marks, "a") as f:
+            f.write(f"{n}\\n")
+        point(f"enter:{n}")
+        value = x * 10 + n
+        point(f"exit:{n}")      # after its work, before its checkpoint
+        return value
+
+    @dur.register(name="killable")
+    def killable(ctx, x):
+        for n in (1, 2, 3):
+            x = yield ctx.run(step, n, x)
+            point(f"between:{n}")   # workflow code after step n returned
+        return x
+
+    async def main():
+        async with dur:
+            handle = await dur.run("k", killable, 0)
+            print(json.dumps(await handle.result(timeout=30)))
+
+    asyncio.run(main())
+""")
+
+KILL_POINTS = [f"{where}:{n}" for n in (1, 2, 3) for where in ("enter", "exit", "between")]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_workflow_killed_at_any_point_resumes_to_the_same_result(tmp_path: Path,
+                                                                kill_at: str) -> None:
+    script, db, marks = tmp_path / "killable.py", tmp_path / "k.db", tmp_path / "marks"
+    script.write_text(KILLABLE)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+
+    def run(point: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), str(db), str(marks), point],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    assert run(kill_at).returncode == 9
+    finished = run("none")
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout) == 123  # as without the kill
+    killed_in = int(kill_at.split(":")[1])
+    ran = Counter(int(n) for n in marks.read_text().split())
+    # Steps before the one the kill hit never ran again; that one ran twice (its result
+    # is committed with the next checkpoint); the ones after it ran once.
+    assert ran == {n: 2 if n == killed_in else 1 for n in (1, 2, 3)}
+
+
+# Garbage at the door.
+
+
+@pytest.fixture(scope="module")
+def door() -> Iterator[Service]:
+    folder = Path(tempfile.mkdtemp(prefix="durable-door-"))
+    service = Service(folder).start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def json_values() -> st.SearchStrategy[Any]:
+    scalars = (st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+               | st.floats(allow_nan=False, allow_infinity=False))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                        max_leaves=12)
+
+
+def near_orders() -> st.SearchStrategy[Any]:
+    """Orders with one part or another replaced by anything, to get past the first checks."""
+    junk = json_values()
+    item = st.fixed_dictionaries({"sku": st.sampled_from(["widget-pro", ""]) | junk,
+                                  "qty": st.integers(-2, 3) | junk,
+                                  "price": st.integers(-1, 5000) | junk})
+    customer = st.fixed_dictionaries({"id": st.just("cus_alice") | junk,
+                                      "email": st.just("a@b.co") | junk})
+    return st.fixed_dictionaries({
+        "id": st.from_regex(r"[a-z0-9_.\-]{1,70}", fullmatch=True) | junk,
+        "customer": customer | junk,
+        "items": st.lists(item, max_size=3) | junk,
+    })
+
+
+def post_and_check(door: Service, body: bytes) -> None:
+    journal = door.folder / "orders.db"
+    before = count(journal, "SELECT count(*) FROM workflows")
+    response = httpx.post(f"{door.url}/orders", content=body, timeout=10)
+    after = count(journal, "SELECT count(*) FROM workflows")
+    assert response.status_code in (202, 400, 413, 422), (body, response.text)
+    assert "error" in response.json() or response.status_code == 202
+    if response.status_code != 202:
+        assert after == before, body  # refused: nothing written
+    else:
+        assert after <= before + 1
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(value=json_values() | near_orders())
+def test_any_json_body_gets_an_answer_never_a_500(door: Service, value: Any) -> None:
+    post_and_check(door, json.dumps(value).encode())
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=st.binary(max_size=300))
+def test_any_bytes_body_gets_an_answer_never_a_500(door: Service, body: bytes) -> None:
+    post_and_check(door, body)
+
+
+# Journal trouble.
+
+WORKER = textwrap.dedent("""
+    import asyncio, json, sys
+    from durable import Durable, DurableError
+
+    db, action = sys.argv[1], sys.argv[2]
+    dur = Durable(db)
+
+    @dur.register(name="w")
+    def w(ctx, n):
+        return (yield ctx.run(str, n))
+
+    async def main():
+        try:
+            async with dur:
+                if action == "run":
+                    print(json.dumps(await (await dur.run("new", w, 1)).result(timeout=20)))
+                else:
+                    await asyncio.sleep(0.5)  # resume what is unfinished
+        except DurableError as exc:
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+    asyncio.run(main())
+""")
+
+
+def make_read_only(what: str, folder: Path, journal: Path) -> tuple[Path, Any]:
+    """Make the journal (`file`) or its folder (`directory`) read-only, even for root:
+    an immutable file, or a read-only bind mount. Returns the journal's path to use
+    and how to undo it."""
+    def run(*command: str) -> None:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"{' '.join(command)} is not possible here: {done.stderr.strip()}")
+
+    if what == "file":
+        run("chattr", "+i", str(journal))
+        return journal, lambda: run("chattr", "-i", str(journal))
+    mount = folder.parent / (folder.name + "-ro")
+    mount.mkdir()
+    run("mount", "--bind", str(folder), str(mount))
+    try:
+        run("mount", "-o", "remount,ro,bind", str(mount))
+    except BaseException:
+        run("umount", str(mount))
+        raise
+    return mount / journal.name, lambda: run("umount", str(mount))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chattr and mount need root")
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_read_only_journal_gives_a_clear_error_then_work_resumes(tmp_path: Path,
+                                                                 what: str) -> None:
+    folder = tmp_path / "journal"
+    folder.mkdir()
+    journal, script = folder / "ro.db", tmp_path / "worker.py"
+    script.write_text(WORKER)
+
+    async def accept() -> None:  # one accepted workflow, left unfinished
+        dur = Durable(journal)
+
+        @dur.register(name="w")
+        def w(ctx, n):
+            yield ctx.run(str, n)
+
+        async with dur:
+            await dur.run("accepted", w, 7)
+        conn = sqlite3.connect(journal)
+        conn.execute("UPDATE workflows SET state = 'running', result = NULL, owner = NULL")
+        conn.execute("DELETE FROM steps")
+        conn.commit()
+        conn.close()
+
+    asyncio.run(accept())
+    before = journal.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    path, undo = make_read_only(what, folder, journal)
+    try:
+        refused = subprocess.run([sys.executable, str(script), str(path), "run"], env=env,
+                                 capture_output=True, text=True, timeout=60)
+    finally:
+        undo()
+    assert refused.returncode == 1, refused
+    assert refused.stderr.startswith("JournalError: "), refused.stderr
+    assert "read-only" in refused.stderr or "folder must exist and be writable" \
+        in refused.stderr, refused.stderr
+    assert journal.read_bytes() == before
+    # The trouble is gone: the accepted workflow finishes.
+    resumed = subprocess.run([sys.executable, str(script), str(journal), "resume"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert count(journal, "SELECT count(*) FROM workflows WHERE state = 'done'") == 1
+
+
+def test_locked_journal_refuses_new_work_clearly_then_accepts_it(tmp_path: Path) -> None:
+    journal = tmp_path / "locked.db"
+    dur = Durable(journal, busy_timeout=0.2)
+
+    @dur.register
+    def wf(ctx, n):
+        return (yield ctx.run(str, n))
+
+    async def main() -> None:
+        async with dur:
+            blocker = sqlite3.connect(journal, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            with pytest.raises(JournalError, match="database is locked"):
+                await dur.run("x", wf, 1)
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            assert count(journal, "SELECT count(*) FROM workflows") == 0
+            assert await (await dur.run("x", wf, 1)).result() == "1"
+
+    asyncio.run(main())
+
+
+def test_locked_journal_answers_503_at_the_door_and_loses_nothing(tmp_path: Path) -> None:
+    service = Service(tmp_path).start()
+    try:
+        assert service.post(ORDER).status_code == 202
+        assert service.finished("ord_1001")["status"] == "done"
+        blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            response = service.post({**ORDER, "id": "ord_1002"}, timeout=30)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert "unavailable" in response.json()["error"]
+        assert service.status("ord_1002").status_code == 404  # nothing half-written
+        assert service.post({**ORDER, "id": "ord_1002"}).status_code == 202
+        assert service.finished("ord_1002")["status"] == "done"
+        assert service.finished("ord_1001")["status"] == "done"
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("where", ["header", "pages"])
+def test_corrupted_journal_gives_a_clear_error(tmp_path: Path, where: str) -> None:
+    journal = tmp_path / "corrupt.db"
+
+    async def fill() -> None:
+        dur = Durable(journal)
+
+        @dur.register
+        def wf(ctx, n):
+            return (yield ctx.run(str, n))
+
+        async with dur:
+            for i in range(200):
+                await dur.run(f"w{i}", wf, "x" * 200)
+            await (await dur.get("w199")).result()
+
+    asyncio.run(fill())
+    conn = sqlite3.connect(journal)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(journal.read_bytes())
+    if where == "header":
+        data[0:16] = b"garbage garbage!"
+    else:
+        for page in range(1, len(data) // 4096):
+            data[page * 4096:page * 4096 + 64] = os.urandom(64)
+    journal.write_bytes(bytes(data))
+
+    async def reopen() -> None:
+        async with Durable(journal):
+            pass
+
+    with pytest.raises(JournalError) as info:
+        asyncio.run(reopen())
+    assert "malformed" in str(info.value) or "not a durable.py journal" in str(info.value)
+    shown = subprocess.run([sys.executable, str(HERE / "durable.py"), str(journal), "list"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 1 and shown.stderr.startswith("durable: ")
+    assert "Traceback" not in shown.stderr
+
+
+def test_full_journal_refuses_new_work_keeps_accepted_work_and_recovers(
+        tmp_path: Path) -> None:
+    journal = tmp_path / "full.db"
+    dur = Durable(journal)
+    gate = asyncio.Event()
+
+    async def wait_for_room() -> str:
+        await gate.wait()
+        return "made it"
+
+    @dur.register
+    async def wf(ctx, payload):
+        await ctx.run(str, len(payload))
+        return await ctx.run(wait_for_room)
+
+    async def main() -> None:
+        async with dur:
+            accepted = await dur.run("accepted", wf, "small")
+            while count(journal, "SELECT count(*) FROM steps") < 2:
+                await asyncio.sleep(0.01)
+            assert dur._writer is not None
+            conn = dur._writer._conn  # the journal's own connection: cap its size here
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            with pytest.raises(JournalError, match="full"):
+                await dur.run("too-big", wf, "x" * 200_000)
+            assert count(journal, "SELECT count(*) FROM workflows") == 1
+            conn.execute("PRAGMA max_page_count = 1073741823")  # the trouble is gone
+            gate.set()
+            assert await accepted.result(timeout=10) == "made it"
+            assert await (await dur.run("too-big", wf, "x" * 200_000)).result(timeout=10) \
+                == "made it"
+
+    asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The order service under SIGKILL.")
+    parser.add_argument("--kills", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=random.randrange(1_000_000))
+    parser.add_argument("--pause", type=float, default=0.002,
+                        help="seconds between orders from the feeder")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="durable-torture-") as folder:
+        report = torture(Path(folder), args.seed, args.kills, args.pause)
+    print(report.line())
+    sys.exit(1 if report.lost or report.double_charged or report.double_emailed else 0)
+
+
+if __name__ == "__main__":
+    main()
