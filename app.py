@@ -277,6 +277,10 @@ def validate_order(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
         return None, "body is not valid JSON"
     if not isinstance(order, dict):
         return None, "body must be a JSON object"
+    try:
+        json.dumps(order, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
+        return None, "body holds text that is not valid Unicode"
     for field in ("id", "customer", "items"):
         if field not in order:
             return None, f"field '{field}' is missing"

@@ -218,6 +218,8 @@ MALFORMED: list[tuple[Any, str]] = [
     (order(id="x" * 65), "'id'"),
     (order(id="ord/1001"), "'id'"),
     (order(extra=1), "'extra'"),
+    (b'{"id": "ord_1", "customer": {"id": "\\ud800", "email": "a@b.co"}, "items": []}',
+     "not valid Unicode"),
     (order(customer="cus_alice"), "'customer'"),
     (order(customer={"id": "cus_alice"}), "'customer.email'"),
     (order(customer={"id": "cus_alice", "email": "not-an-email"}), "'customer.email'"),
