@@ -52,6 +52,17 @@ def count(db: Path, table: str) -> int:
     return rows(db, f"SELECT count(*) FROM {table}")[0][0]
 
 
+def failure(dur: Durable, wf: Any) -> WorkflowFailed:
+    """Run `wf` once in `dur`; it must fail. Its WorkflowFailed."""
+    async def main() -> WorkflowFailed:
+        async with dur:
+            with pytest.raises(WorkflowFailed) as info:
+                await (await dur.run("failing", wf)).result()
+            return info.value
+
+    return arun(main())
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "journal.db"
@@ -677,13 +688,7 @@ def test_permanent_errors_are_never_retried(db: Path, exc: Exception) -> None:
     def wf(ctx):
         yield ctx.run(step)
 
-    async def main() -> WorkflowFailed:
-        async with dur:
-            with pytest.raises(WorkflowFailed) as info:
-                await (await dur.run("p", wf)).result()
-            return info.value
-
-    failed = arun(main())
+    failed = failure(dur, wf)
     assert calls == 1
     assert (failed.error_type, failed.message, failed.step) == (type(exc).__name__, "no", "step")
 
@@ -725,13 +730,7 @@ def test_step_returning_non_json_fails_without_retrying(db: Path) -> None:
     def wf(ctx):
         yield ctx.run(step)
 
-    async def main() -> WorkflowFailed:
-        async with dur:
-            with pytest.raises(WorkflowFailed) as info:
-                await (await dur.run("nj", wf)).result()
-            return info.value
-
-    assert arun(main()).message.startswith("the step returned a value that is not JSON")
+    assert failure(dur, wf).message.startswith("the step returned a value that is not JSON")
     assert calls == 1
 
 

@@ -28,18 +28,10 @@ from durable import (
     WorkflowFailed,
 )
 from test_app import ORDER, Service
+from test_durable import arun, rows
 
 HERE = Path(__file__).resolve().parent
 FAST = RetryPolicy(max_attempts=2, initial_delay=0, jitter=0)
-
-
-def arun(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
