@@ -24,7 +24,11 @@ its first unfinished step. No server, no broker.
 
 A step's body runs at least once; its result is recorded exactly once. A step with
 an outside effect passes a stable key (like ``f"{ctx.id}/charge"``) to the outside
-system, so a re-run after a crash does not repeat the effect.
+system, so a re-run after a crash does not repeat the effect. Several processes may
+share one journal: each holds its workflows under a lease, and takes over those of
+a process that died. From a shell:
+
+    python durable.py orders.db list|show ID|retry ID|cancel ID|prune 7d [--json]
 
 SPDX-License-Identifier: MIT
 """
