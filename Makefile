@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint torture clean
+.PHONY: run test lint bench torture clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/pytest
+
+# The benchmark table (about 3 minutes). wrk drives the HTTP row; it is installed
+# here if missing (Debian, as root), else bench.py says so and skips that row.
+bench: $(BIN)/.installed
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } \
+		|| echo "could not install wrk: the HTTP row will be skipped"
+	$(BIN)/python bench.py
 
 # The long fault run: the order service killed -9 KILLS times under a stream of orders.
 KILLS ?= 40

@@ -51,12 +51,13 @@ class Sizes:
     http_seconds: int  # wrk run per server and round
     recovery: int  # unfinished workflows left in the journal by a killed process
     memory: tuple[int, int, int]  # finished workflows at the RSS readings
+    patience: float  # seconds to wait for workflows to finish before calling it a hang
 
 
 FULL_RUN = Sizes("full", rounds=3, sequential=300, concurrent=1_000, http_seconds=10,
-                 recovery=10_000, memory=(1_000, 50_000, 100_000))
+                 recovery=10_000, memory=(1_000, 50_000, 100_000), patience=600)
 QUICK_RUN = Sizes("quick", rounds=1, sequential=20, concurrent=50, http_seconds=1,
-                  recovery=200, memory=(100, 500, 1_000))
+                  recovery=200, memory=(100, 500, 1_000), patience=45)
 
 STEPS = 4  # steps per benchmark workflow
 WARMUP = 5  # workflows run before a clock starts: thread pool up, caches warm
@@ -84,8 +85,8 @@ def print_table(rows: list[Row], sizes: Sizes) -> None:
     widths = [max(len(line[i]) for line in cells) for i in range(5)]
     print(f"durable.py {durable.__version__} benchmark ({sizes.name} run): Python "
           f"{sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs; "
-          f"medians of {sizes.rounds} round(s); ratio: durable.py's time or size over the "
-          "baseline's (lower is better), unless it says '% of'")
+          f"rows 1-4 are medians of {sizes.rounds} alternating round(s); ratio: durable.py's "
+          "time or size over the baseline's (lower is better), unless it says '% of'")
     for n, line in enumerate(cells):
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
               + " |")
@@ -187,13 +188,16 @@ def last_finished_at(watch: sqlite3.Connection) -> float:
     return float(watch.execute("SELECT max(finished_at) FROM workflows").fetchone()[0])
 
 
-async def until_finished(watch: sqlite3.Connection, timeout: float = 600.0) -> None:
+async def until_finished(watch: sqlite3.Connection, patience: float) -> None:
     """Wait until the journal holds no unfinished workflow, looking from outside
     (a connection of our own), so the measured process does no extra work."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience
     while unfinished(watch):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"workflows still unfinished after {timeout:.0f} s")
+            owners = watch.execute("SELECT owner, count(*) FROM workflows WHERE state IN "
+                                   "('pending', 'running') GROUP BY owner").fetchall()
+            raise RuntimeError(f"workflows still unfinished after {patience:g} s, by owner: "
+                               f"{owners}")
         await asyncio.sleep(POLL)
 
 
@@ -306,6 +310,7 @@ class Template:
     workflow_id: str
     transactions: list[list[Statement]]  # one list of statements per commit
     wal_commits: float  # commits per workflow as counted in the WAL file
+    changes: float  # rows inserted or updated per workflow
 
     def for_workflow(self, wf_id: str) -> list[list[Statement]]:
         return [[(sql, tuple(wf_id if p == self.workflow_id else p for p in params))
@@ -324,18 +329,19 @@ async def learn_commits(path: Path, count: int = 10) -> Template:
         await (await dur.run("warm", four_steps, 0)).result()
         for conn in connections:
             conn.statements.clear()
-        before = wal_commits(str(path))
+        before = wal_commits(str(path)), sum(c.total_changes for c in connections)
         for i in range(count):
             await (await dur.run(f"template-{i}", four_steps, i)).result()
-        in_wal = (wal_commits(str(path)) - before) / count
+        in_wal = (wal_commits(str(path)) - before[0]) / count
+        changes = (sum(c.total_changes for c in connections) - before[1]) / count
         transactions = [t for conn in connections for t in write_transactions(conn.statements)]
     finally:
         await dur.close()
     mine = [t for t in transactions if any("template-0" in params for _, params in t)]
-    if len(transactions) != len(mine) * count:
+    if not mine or len(transactions) != len(mine) * count:
         raise RuntimeError(f"{len(transactions)} transactions for {count} workflows, "
                            f"{len(mine)} for the first: the workflows shared commits")
-    return Template("template-0", mine, in_wal)
+    return Template("template-0", mine, in_wal, changes)
 
 
 async def create_journal(path: Path) -> None:
@@ -361,6 +367,7 @@ def floor(path: Path, synchronous: str, template: Template, count: int,
     asyncio.run(create_journal(path))
     latencies: list[float] = []
     with contextlib.closing(floor_connect(path, synchronous)) as conn:
+        changes = conn.total_changes
         cpu, start = time.process_time(), time.perf_counter()
         for first in range(0, count, together):
             began = time.perf_counter()
@@ -373,8 +380,15 @@ def floor(path: Path, synchronous: str, template: Template, count: int,
                         conn.execute(sql, params)
                 conn.execute("COMMIT")
             latencies.append(time.perf_counter() - began)
-        return Timing(time.perf_counter() - start, time.process_time() - cpu, count,
-                      tuple(latencies) if together == 1 else ())
+        timing = Timing(time.perf_counter() - start, time.process_time() - cpu, count,
+                        tuple(latencies) if together == 1 else ())
+        # A replay that no longer matches (say, a fence now checks a clock) must not
+        # pass for a floor: it would change fewer rows than durable.py did.
+        if conn.total_changes - changes != count * template.changes:
+            raise RuntimeError(f"the floor changed {conn.total_changes - changes} rows for "
+                               f"{count} workflows; durable.py changed {template.changes:g} "
+                               "per workflow")
+        return timing
 
 
 # SCENARIOS 1 AND 2: sequential workflows against the floor.
@@ -432,16 +446,17 @@ def bench_sequential(folder: Path, sizes: Sizes, template: Template) -> list[Row
 # SCENARIO 3: many concurrent workflows against the group-commit floor.
 
 
-async def durable_concurrent(path: Path, synchronous: str, count: int) -> Timing:
+async def durable_concurrent(path: Path, synchronous: str, count: int,
+                             patience: float) -> Timing:
     """`count` workflows started at once: from the first run() until the journal
     records the last one finished (no result() calls: the service's case)."""
     async with journal(path, synchronous) as dur:
         with contextlib.closing(sqlite3.connect(path)) as watch:
             await start_all(dur, four_steps, "warm", WARMUP)
-            await until_finished(watch)
+            await until_finished(watch, patience)
             cpu, wall = time.process_time(), time.time()
             await start_all(dur, four_steps, "con", count)
-            await until_finished(watch)
+            await until_finished(watch, patience)
             cpu = time.process_time() - cpu
             return Timing(last_finished_at(watch) - wall, cpu, count)
 
@@ -455,7 +470,8 @@ def bench_concurrent(folder: Path, sizes: Sizes, template: Template) -> list[Row
             floors.append(floor(folder / f"cfloor-{sync}-{r}.db", sync, template,
                                 sizes.concurrent, sizes.concurrent))
             durables.append(asyncio.run(
-                durable_concurrent(folder / f"con-{sync}-{r}.db", sync, sizes.concurrent)))
+                durable_concurrent(folder / f"con-{sync}-{r}.db", sync, sizes.concurrent,
+                                   sizes.patience)))
         base, mine = median_timing(floors), median_timing(durables)
         cpu_ms = mine.cpu / mine.count * 1000
         goal = ""
@@ -679,7 +695,8 @@ def leave_unfinished(path: Path, count: int) -> None:
         proc.wait()
 
 
-async def durable_recovery(path: Path, count: int) -> tuple[float, float, float]:
+async def durable_recovery(path: Path, count: int,
+                           patience: float) -> tuple[float, float, float]:
     """Seconds from open() until open() returns, until every workflow has resumed
     (journaled step 2's next attempt and run it), and until every one is done."""
     _resumed.clear()
@@ -689,7 +706,7 @@ async def durable_recovery(path: Path, count: int) -> tuple[float, float, float]
     try:
         opened = time.perf_counter() - start
         with contextlib.closing(sqlite3.connect(path)) as watch:
-            await until_finished(watch)
+            await until_finished(watch, patience)
             done = last_finished_at(watch) - wall
     finally:
         await dur.close()
@@ -721,13 +738,13 @@ def floor_recovery(path: Path) -> float:
         return time.perf_counter() - start
 
 
-async def durable_fresh(path: Path, count: int) -> float:
+async def durable_fresh(path: Path, count: int, patience: float) -> float:
     """Seconds from the first run() until `count` new held_steps workflows are done."""
     async with journal(path, workflow=held_steps) as dur:
         with contextlib.closing(sqlite3.connect(path)) as watch:
             wall = time.time()
             await start_all(dur, held_steps, "fresh", count)
-            await until_finished(watch)
+            await until_finished(watch, patience)
             return last_finished_at(watch) - wall
 
 
@@ -742,8 +759,8 @@ def bench_recovery(folder: Path, sizes: Sizes) -> list[Row]:
         if Path(f"{crashed}{suffix}").exists():
             shutil.copyfile(f"{crashed}{suffix}", f"{copy}{suffix}")
     base_resume = floor_recovery(copy)
-    opened, resumed, done = asyncio.run(durable_recovery(crashed, count))
-    base_done = asyncio.run(durable_fresh(folder / "fresh.db", count))
+    opened, resumed, done = asyncio.run(durable_recovery(crashed, count, sizes.patience))
+    base_done = asyncio.run(durable_fresh(folder / "fresh.db", count, sizes.patience))
     return [
         Row(f"5 recovery of {count:,}: open() -> all resumed",
             f"{secs(resumed)} (open() returned after {secs(opened)})",
@@ -759,7 +776,7 @@ def bench_recovery(folder: Path, sizes: Sizes) -> list[Row]:
 # SCENARIO 6: journal bytes per step, and memory after many finished workflows.
 
 
-async def memory_child(path: Path, marks: list[int]) -> None:
+async def memory_child(path: Path, marks: list[int], patience: float = 600) -> None:
     """In a fresh child: finish workflows BATCH by BATCH; at each mark, checkpoint the
     WAL and print a JSON line with RSS, the file's size and its VACUUMed size."""
     async with journal(path) as dur:
@@ -770,7 +787,7 @@ async def memory_child(path: Path, marks: list[int]) -> None:
                 while finished < mark:
                     batch = min(BATCH, mark - finished)
                     await start_all(dur, four_steps, f"m{finished}", batch)
-                    await until_finished(watch)
+                    await until_finished(watch, patience)
                     finished += batch
                 if watch.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]:
                     raise RuntimeError("the WAL checkpoint could not complete")
