@@ -391,9 +391,11 @@ def _process_start(pid: int) -> str | None:
         except PermissionError:
             pass
         return ""
-    # Field 22 is the start time in clock ticks since boot; the name (field 2) may
-    # hold spaces and parentheses, so count from its closing parenthesis.
-    return _boot_id() + ":" + stat.rpartition(")")[2].split()[19]
+    # Field 3 is the state (Z: exited, not yet reaped) and field 22 the start time in
+    # clock ticks since boot; the name (field 2) may hold spaces and parentheses, so
+    # count from its closing parenthesis. https://man7.org/linux/man-pages/man5/proc.5.html
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] == "Z" else _boot_id() + ":" + fields[19]
 
 
 def _owner_is_dead(owner: str, host: str) -> bool:
@@ -428,8 +430,10 @@ def _journal_error(what: str, exc: sqlite3.Error) -> JournalError:
     return JournalError(f"{what}: {exc}" + (f" ({advice})" if advice else ""))
 
 
-def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
-    """Open the journal, refuse a file that is not one, and bring its schema up to date."""
+def _connect(path: str, synchronous: str, busy_timeout: float, *,
+             create: bool = True) -> sqlite3.Connection:
+    """Open the journal, refuse a file that is not one, and bring its schema up to date.
+    With create=False an empty file is refused too, and left as it is."""
     try:
         # isolation_level=None: no implicit transactions; _transaction() opens them.
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
@@ -440,6 +444,9 @@ def _connect(path: str, synchronous: str, busy_timeout: float) -> sqlite3.Connec
         # Wait this long for another process's write lock instead of failing at once.
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         version = _check_schema(conn, path)
+        if not create and version == 0:
+            raise JournalError(f"{path!r} is not a durable.py journal (it holds no journal "
+                               "yet); give the path of a journal a service has written")
         # WAL: readers never block the writer, the writer never blocks readers, and a
         # commit is one append to the log. https://www.sqlite.org/wal.html
         conn.execute("PRAGMA journal_mode = WAL")
@@ -728,7 +735,9 @@ def _cancel(conn: sqlite3.Connection, workflow_id: str) -> bool:
 def _retry(conn: sqlite3.Connection, workflow_id: str) -> int:
     """In a write transaction: put a failed workflow back to run, from its last failed
     step (dropped from the journal with the steps after it: fresh attempts). Returns
-    that step's position, or 0 when no step failed (it replays from the top)."""
+    that step's position, or 0 when no step failed (it replays from the top). The
+    steps before it are not run again, so a workflow that compensated them (released
+    what it reserved) must be started anew under a new id instead."""
     row = conn.execute(_SELECT_STATES, (workflow_id,)).fetchone()
     if row is None:
         raise NotFound(f"no workflow has id {workflow_id!r}")
@@ -816,7 +825,7 @@ def _wake(future: asyncio.Future[None]) -> None:
 class Context:
     """Handed to a workflow as its first argument; `run` makes its steps."""
 
-    __slots__ = ("_abort", "_durable", "_flush_due", "_id", "_inflight", "_journal",
+    __slots__ = ("_abort", "_durable", "_flush_due", "_halt", "_id", "_inflight", "_journal",
                  "_napping", "_owner", "_pending", "_retry", "_seq")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
@@ -832,6 +841,7 @@ class Context:
         self._inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self._flush_due = False
         self._napping: asyncio.Future[None] | None = None
+        self._halt: asyncio.Future[None] | None = None
 
     @property
     def id(self) -> str:
@@ -863,8 +873,21 @@ class Context:
     def _stop(self, reason: _Interrupted) -> None:
         """Stop the workflow at its next step, checkpoint or wake-up (cancel, close)."""
         self._abort = reason
-        if self._napping is not None:
-            _wake(self._napping)
+        for future in (self._napping, self._halt):
+            if future is not None:
+                _wake(future)
+
+    def _halted(self) -> asyncio.Future[None]:
+        """Resolved when the workflow is stopped from outside (a running step may go on)."""
+        if self._halt is None:
+            self._halt = asyncio.get_running_loop().create_future()
+            if self._abort is not None:
+                _wake(self._halt)
+        return self._halt
+
+    @property
+    def _stopped(self) -> bool:
+        return isinstance(self._abort, _Fenced)
 
     async def _nap(self, seconds: float) -> None:
         """Sleep, unless the workflow is stopped first."""
@@ -1064,7 +1087,8 @@ class Handle:
 
     async def done(self) -> bool:
         """Whether the workflow has finished (done, failed or cancelled). Never waits."""
-        if self.id in self._durable._running:
+        ctx = self._durable._contexts.get(self.id)
+        if ctx is not None and not ctx._stopped:
             return False
         row = await self._durable._read(_SELECT_OUTCOME, (self.id,))
         return bool(row) and row[0][0] in _FINISHED
@@ -1244,8 +1268,12 @@ class Durable:
         self._reader = reader
         self._writer = _Writer(write_conn, loop)
         self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="durable-step")
-        await self._renew(forget=True)
-        await self._adopt_orphans(opening=True)
+        try:
+            await self._renew(forget=True)
+            await self._adopt_orphans(opening=True)
+        except BaseException:
+            await self.close()  # leave nothing running behind a failed open
+            raise
         self._maintenance = loop.create_task(self._maintain(), name="durable:maintenance")
 
     async def close(self, *, grace: float = 5.0) -> None:
@@ -1254,8 +1282,9 @@ class Durable:
 
         A sync step cannot be interrupted: close() waits up to `grace` seconds for step
         threads to return (their results are dropped). A workflow whose step thread is
-        still running then stays held by this process until the process exits, so
-        that no other process runs the same workflow at the same time."""
+        still running then stays held by this process: another process takes it over
+        when this process exits (at once, on this machine) or, if it lives on, when its
+        lease runs out; the stray thread's result is refused either way."""
         writer, reader, pool = self._writer, self._reader, self._pool
         if writer is None or reader is None or pool is None or self._closing:
             return
@@ -1407,7 +1436,14 @@ class Durable:
 
     def _start(self, workflow_id: str, workflow: _Workflow, text: str,
                journal: dict[int, _JournaledStep]) -> None:
-        if self._closing or workflow_id in self._running:
+        if self._closing:
+            return
+        old = self._running.get(workflow_id)
+        if old is not None:
+            # A task of this id's earlier life (cancelled, then pruned) is still waiting
+            # for its step thread: the new workflow starts when that task has ended.
+            old.add_done_callback(
+                lambda _: self._start(workflow_id, workflow, text, journal))
             return
         task = asyncio.get_running_loop().create_task(
             self._run_workflow(workflow_id, workflow, text, journal),
@@ -1492,15 +1528,17 @@ class Durable:
         """Wait until the workflow is finished; return its state, result and error."""
         delay = 0.01
         while True:
-            task = self._running.get(workflow_id)
-            if task is not None:
-                await asyncio.wait({task})
+            task, ctx = self._running.get(workflow_id), self._contexts.get(workflow_id)
+            running_here = task is not None and ctx is not None and not ctx._stopped
+            if running_here:
+                assert task is not None and ctx is not None
+                await asyncio.wait({task, ctx._halted()}, return_when=asyncio.FIRST_COMPLETED)
             rows = await self._read(_SELECT_OUTCOME, (workflow_id,))
             if not rows:
                 raise NotFound(f"no workflow has id {workflow_id!r}")
             if rows[0][0] in _FINISHED:
                 return rows[0][0], rows[0][1], rows[0][2]
-            if workflow_id not in self._running:
+            if not running_here:
                 # Running in another process, or waiting to be resumed: look again later.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -1621,6 +1659,9 @@ class Durable:
         dead or without a live lease, then start it from its journal. Returns how many
         were started."""
         me = self._owner
+        # Not while a task of ours for the id is still winding down: it must be fenced
+        # and gone first, or it could write again under the claim renewed for it.
+        candidates = [c for c in candidates if c[0] not in self._running]
 
         def claim(conn: sqlite3.Connection) -> list[str]:
             now = time.time()
@@ -1698,6 +1739,12 @@ def _age(text: str) -> float:
     return value * _AGE_UNITS[unit]
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def _utc(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
@@ -1768,7 +1815,7 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="list workflows, newest first")
     listing.add_argument("--state", choices=[*_UNFINISHED, *_FINISHED])
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    listing.add_argument("--limit", type=_positive, default=50, help="at most this many (50)")
     show = commands.add_parser("show", help="one workflow's step timeline")
     show.add_argument("id")
     retry = commands.add_parser("retry", help="run a failed workflow again from its failed step")
@@ -1789,7 +1836,7 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
     try:
         if not os.path.exists(args.journal):
             raise JournalError(f"no journal at {args.journal!r}")
-        conn = _connect(args.journal, "FULL", 5.0)
+        conn = _connect(args.journal, "FULL", 5.0, create=False)
     except DurableError as exc:
         print(f"durable: {exc}", file=sys.stderr)
         return 1
@@ -1836,7 +1883,11 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         conn.close()
-    print(json.dumps(output, indent=2, ensure_ascii=False) if args.json else text)
+    try:
+        print(json.dumps(output, indent=2, ensure_ascii=False) if args.json else text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head` closed the pipe: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -918,6 +918,14 @@ def test_owner_liveness_uses_pid_and_process_start_time() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert durable._owner_is_dead(f"{host}|{child.pid}|{durable._process_start(pid)}|n", host)
+    # A killed process that its parent has not reaped yet (a zombie) is dead too.
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    owner = f"{host}|{zombie.pid}|{durable._process_start(zombie.pid)}|n"
+    assert not durable._owner_is_dead(owner, host)
+    zombie.kill()
+    time.sleep(0.3)
+    assert durable._owner_is_dead(owner, host)
+    zombie.wait()
     # A process on another machine is not judged from here.
     assert not durable._owner_is_dead(f"elsewhere|{child.pid}|x|n", host)
 
@@ -1293,6 +1301,24 @@ def test_steps_in_finally_do_not_run_while_closing_and_the_workflow_resumes(
 
     assert arun(main()) == "ok"
     assert ran == ["slow", "slow", "cleanup"]
+
+
+def test_open_that_fails_leaves_nothing_running_and_can_be_tried_again(db: Path) -> None:
+    async def open_and_close(dur: Durable) -> None:
+        async with dur:
+            pass
+
+    arun(open_and_close(Durable(db)))  # a journal to lock
+    dur = Durable(db, busy_timeout=0.05)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    threads = set(threading.enumerate())
+    with pytest.raises(JournalError, match="locked"):
+        arun(dur.open())
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert not [t for t in set(threading.enumerate()) - threads if t.name.startswith("durable")]
+    arun(open_and_close(dur))  # not "already open"
 
 
 def test_journal_locked_past_busy_timeout_delays_the_workflow_then_it_finishes(

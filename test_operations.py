@@ -94,10 +94,14 @@ def test_cancel_lets_a_running_step_finish_but_nothing_after_it(db: Path) -> Non
         async with dur:
             handle = await dur.run("c", wf)
             await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            waiter = asyncio.create_task(handle.result(timeout=2))
+            await asyncio.sleep(0.05)
             assert await dur.cancel("c") is True
-            release.set()
+            # Waiters learn at once, while the step is still running.
             with pytest.raises(WorkflowCancelled):
-                await handle.result(timeout=5)
+                await waiter
+            assert await handle.done()
+            release.set()
             await asyncio.sleep(0.2)
             return await handle.status()
 
@@ -125,6 +129,33 @@ def test_cancelling_a_finished_workflow_is_a_clear_no_op(db: Path) -> None:
                 await dur.cancel("nope")
 
     arun(main())
+
+
+def test_an_id_cancelled_pruned_and_reused_runs_once_its_old_step_returns(db: Path) -> None:
+    dur = Durable(db)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(n: int) -> int:
+        started.set()
+        release.wait(10)
+        return n
+
+    @dur.register
+    def wf(ctx, n):
+        return (yield ctx.run(slow, n))
+
+    async def main() -> Any:
+        async with dur:
+            await dur.run("reused", wf, 1)
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            await dur.cancel("reused")
+            assert await dur.prune(0) == 1
+            again = await dur.run("reused", wf, 2)  # the old step still runs
+            assert again.created
+            release.set()
+            return await again.result(timeout=10)
+
+    assert arun(main()) == 2
 
 
 # Retry.
@@ -430,6 +461,8 @@ def check_cli_alongside(service: Service) -> None:
 def test_cli_gives_clear_errors_and_changes_nothing(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("not a journal")
+    empty = tmp_path / "empty.db"
+    empty.touch()
     journal = tmp_path / "j.db"
 
     async def make() -> None:
@@ -446,6 +479,9 @@ def test_cli_gives_clear_errors_and_changes_nothing(tmp_path: Path) -> None:
         ((str(journal), "retry", "ghost"), 1, "no workflow has id 'ghost'"),
         ((str(journal), "prune", "soon"), 2, "is not an age"),
         ((str(journal), "list", "--state", "odd"), 2, "invalid choice"),
+        ((str(journal), "list", "--limit", "-1"), 2, "not a whole number"),
+        ((str(empty), "list"), 1, "holds no journal yet"),
+        ((str(empty), "show", "x"), 1, "holds no journal yet"),
     ]
     for args, code, message in cases:
         result = cli(*args)
@@ -455,3 +491,23 @@ def test_cli_gives_clear_errors_and_changes_nothing(tmp_path: Path) -> None:
     assert text.read_text() == "not a journal"
     assert not (tmp_path / "missing.db").exists()
     assert journal.read_bytes() == before
+    assert empty.stat().st_size == 0
+
+
+def test_cli_output_cut_short_by_a_pipe_is_not_an_error(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx, n):
+        yield ctx.run(str, n)
+
+    async def fill() -> None:
+        async with dur:
+            for i in range(300):
+                await dur.run(f"w{i}", wf, i)
+
+    arun(fill())
+    piped = subprocess.run(f"{sys.executable} {HERE / 'durable.py'} {db} list --limit 300 "
+                           "| head -1", shell=True, capture_output=True, text=True, timeout=60)
+    assert piped.stdout.startswith("ID ")
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
