@@ -218,12 +218,12 @@ def test_workflow_killed_at_any_point_resumes_to_the_same_result(tmp_path: Path,
 
 @pytest.fixture(scope="module")
 def door() -> Iterator[Service]:
-    folder = Path(tempfile.mkdtemp(prefix="durable-door-"))
-    service = Service(folder).start()
-    try:
-        yield service
-    finally:
-        service.stop()
+    with tempfile.TemporaryDirectory(prefix="durable-door-") as folder:
+        service = Service(Path(folder)).start()
+        try:
+            yield service
+        finally:
+            service.stop()
 
 
 def json_values() -> st.SearchStrategy[Any]:
