@@ -593,6 +593,51 @@ class _Writer:
         return outcomes
 
 
+class _StepThreads:
+    """Worker threads for sync steps, started as needed up to `size`. Lighter than a
+    ThreadPoolExecutor (no concurrent.futures.Future per call): each outcome goes
+    straight back to the event loop as one callback."""
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._size = size
+        self._loop = loop
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._busy = 0
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               done: Callable[[bool, Any], None]) -> None:
+        """Run fn(*args, **kwargs) in a worker; then done(ok, value) on the loop."""
+        self._queue.put((contextvars.copy_context(), fn, args, kwargs, done))
+        with self._lock:
+            self._busy += 1
+            if self._busy > self._threads and self._threads < self._size:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"durable-step-{self._threads}",
+                                 daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Drop steps not yet started; workers end after their current step."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            context, fn, args, kwargs, done = item
+            try:
+                ok, value = True, context.run(fn, *args, **kwargs)
+            except BaseException as exc:  # handed to the workflow as it is
+                ok, value = False, exc
+            with self._lock:
+                self._busy -= 1
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(done, ok, value)
+        self._queue.put(None)  # let the next worker see the end too
+
+
 def _settle(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
     for future, (ok, value) in zip(futures, outcomes, strict=True):
         if future.done():
@@ -1171,7 +1216,7 @@ class Durable:
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._reader_conn: sqlite3.Connection | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _StepThreads | None = None
 
     def __repr__(self) -> str:
         return f"Durable({self.path!r}, synchronous={self.synchronous!r})"
@@ -1267,7 +1312,7 @@ class Durable:
         self._closing = False
         self._reader = reader
         self._writer = _Writer(write_conn, loop)
-        self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="durable-step")
+        self._pool = _StepThreads(self.max_threads, loop)
         try:
             await self._renew(forget=True)
             await self._adopt_orphans(opening=True)
@@ -1321,7 +1366,7 @@ class Durable:
         if self._reader_conn is not None:
             await loop.run_in_executor(reader, self._reader_conn.close)
         reader.shutdown(wait=True)
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown()
         self._writer = self._reader = self._pool = self._reader_conn = None
         self._timers.clear()
         self._stalls.clear()
@@ -1503,18 +1548,23 @@ class Durable:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
         assert self._pool is not None
-        loop = asyncio.get_running_loop()
-        thread_future = self._pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+        future = asyncio.get_running_loop().create_future()
         # Counted until the thread returns, even if the workflow is cancelled first:
         # close() must not hand a workflow to another process while its step still runs.
         self._stepping[workflow_id] = self._stepping.get(workflow_id, 0) + 1
 
-        def thread_done(_: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
-                loop.call_soon_threadsafe(self._step_thread_done, workflow_id)
+        def done(ok: bool, value: Any) -> None:
+            self._step_thread_done(workflow_id)
+            if future.cancelled():
+                return
+            if ok:
+                future.set_result(value)
+            else:  # asyncio refuses StopIteration in a future
+                future.set_exception(RuntimeError(f"the step raised {value!r}")
+                                     if isinstance(value, StopIteration) else value)
 
-        thread_future.add_done_callback(thread_done)
-        value = await asyncio.wrap_future(thread_future)
+        self._pool.submit(fn, args, kwargs, done)
+        value = await future
         if inspect.isawaitable(value):
             value = await value
         return value
