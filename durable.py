@@ -524,9 +524,11 @@ class _Writer:
     """The only thread that writes the journal.
 
     Coroutines queue operations; the thread takes every operation waiting and
-    commits them in one transaction, so they share one fsync (group commit). Each
-    operation runs in a savepoint: one that raises is undone alone and its caller
-    gets the exception. Each caller resumes only after its commit returned.
+    commits them in one transaction, so they share one fsync (group commit). An
+    operation may refuse (raise) only before it writes anything: its caller gets the
+    exception and the others stand. An SQLite error fails the whole batch, rolled
+    back, and every caller in it gets a JournalError. Each caller resumes only after
+    its commit returned.
     """
 
     def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
@@ -575,18 +577,14 @@ class _Writer:
         try:
             with _transaction(self._conn) as conn:
                 for op in ops:
-                    conn.execute("SAVEPOINT op")
                     try:
                         outcomes.append((True, op(conn)))
-                    except sqlite3.Error as exc:
-                        if not conn.in_transaction:
-                            raise  # SQLite rolled back all of it (a full disk may)
-                        conn.execute("ROLLBACK TO op")
-                        outcomes.append((False, _journal_error("journal write failed", exc)))
                     except (Exception, _Interrupted) as exc:
-                        conn.execute("ROLLBACK TO op")
+                        if isinstance(exc, sqlite3.Error):
+                            raise  # the journal failed: the whole batch is rolled back
+                        # An op refuses (conflict, fenced, not found) before it writes,
+                        # so the others in the batch stand.
                         outcomes.append((False, exc))
-                    conn.execute("RELEASE op")
         except sqlite3.Error as exc:  # nothing of the batch was committed
             error = _journal_error("journal write failed", exc)
             return [(False, error)] * len(ops)

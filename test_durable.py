@@ -487,6 +487,29 @@ def test_same_id_with_different_arguments_raises_conflict_and_changes_nothing(db
     arun(main())
 
 
+def test_a_refused_run_does_not_disturb_the_others_committed_with_it(db: Path) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx, n):
+        return (yield ctx.run(str, n))
+
+    async def main() -> list[Any]:
+        async with dur:
+            await dur.run("taken", wf, 1)
+            # Queued together, these share one transaction (group commit).
+            return await asyncio.gather(
+                dur.run("a", wf, 1), dur.run("taken", wf, 2), dur.run("b", wf, 1),
+                return_exceptions=True)
+
+    a, conflict, b = arun(main())
+    assert isinstance(conflict, IdempotencyConflict)
+    assert a.created and b.created
+    assert sorted(r[0] for r in rows(db, "SELECT id FROM workflows")) == ["a", "b", "taken"]
+    assert rows(db, "SELECT input FROM workflows WHERE id = 'taken'") == [
+        ('{"args":[1],"kwargs":{}}',)]
+
+
 def test_concurrent_duplicate_runs_in_one_process_execute_once(db: Path) -> None:
     dur = Durable(db)
     ran: list[str] = []
