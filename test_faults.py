@@ -213,6 +213,72 @@ def test_workflow_killed_at_any_point_resumes_to_the_same_result(tmp_path: Path,
     assert ran == {n: 2 if n == killed_in else 1 for n in (1, 2, 3)}
 
 
+# Group commit under SIGKILL: nothing acknowledged is lost.
+
+BATCHER = textwrap.dedent("""
+    import asyncio, os, sys
+    from durable import Durable
+
+    db, marks = sys.argv[1], sys.argv[2]
+    dur = Durable(db)
+    out = os.open(marks, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+
+    def say(line):
+        os.write(out, (line + "\\n").encode())
+
+    def step(wf_id, n):
+        # Step n starts only once step n-1's result is committed: an acknowledgement.
+        say(f"started {wf_id} {n}")
+        return n
+
+    @dur.register(name="many")
+    def many(ctx):
+        for n in range(1, 6):
+            yield ctx.run(step, ctx.id, n)
+
+    async def accept(i):
+        await dur.run(f"w{i}", many)
+        say(f"accepted w{i}")  # run() returned: the workflow is committed
+
+    async def main():
+        async with dur:
+            await asyncio.gather(*(accept(i) for i in range(5_000)))
+            await asyncio.sleep(60)  # the test kills it long before
+
+    asyncio.run(main())
+""")
+
+
+def test_process_killed_while_batches_commit_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    script, db, marks = tmp_path / "batcher.py", tmp_path / "batch.db", tmp_path / "marks"
+    script.write_text(BATCHER)
+    proc = subprocess.Popen([sys.executable, str(script), str(db), str(marks)],
+                            env={**os.environ, "PYTHONPATH": str(HERE)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not marks.exists() or len(re.findall(r"started \S+ [2-5]\n", marks.read_text())) < 1000:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # thousands of workflows in flight, batches committing
+    proc.wait()
+    lines = [line.split() for line in marks.read_text().splitlines() if line.count(" ") >= 1]
+    accepted = {words[1] for words in lines if words[0] == "accepted" and len(words) == 2}
+    started = [(words[1], int(words[2])) for words in lines
+               if words[0] == "started" and len(words) == 3]
+    conn = sqlite3.connect(db)
+    try:
+        journaled = {row[0] for row in conn.execute("SELECT id FROM workflows")}
+        done = set(conn.execute("SELECT workflow_id, seq FROM steps WHERE state = 'done'"))
+    finally:
+        conn.close()
+    assert accepted and started
+    # Every run() that returned left its workflow in the journal...
+    assert accepted <= journaled
+    # ...and every step that started proves its predecessor's result was durable.
+    missing = [(wf, n - 1) for wf, n in started if n > 1 and (wf, n - 1) not in done]
+    assert missing == []
+
+
 # Garbage at the door.
 
 
