@@ -166,8 +166,9 @@ _FINISH_WORKFLOW = """
     UPDATE workflows SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
     WHERE id = ?"""
 _SELECT_WORKFLOW = """
-    SELECT id, name, state, result, error, created_at, updated_at, finished_at
-    FROM workflows WHERE id = ?"""
+    SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
+           w.finished_at, w.owner, o.expires_at
+    FROM workflows w LEFT JOIN owners o ON o.id = w.owner WHERE w.id = ?"""
 _SELECT_STEPS = """
     SELECT seq, name, state, attempts, result, error, failures, started_at, updated_at,
            finished_at
@@ -718,6 +719,9 @@ class Status:
     updated_at: float
     finished_at: float | None
     steps: tuple[StepRecord, ...]
+    # The process holding it ("host|pid|start|nonce"), and when that one's lease ends.
+    owner: str | None = None
+    lease_expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -752,13 +756,14 @@ def _read_status(conn: sqlite3.Connection, workflow_id: str) -> Status:
         conn.execute("COMMIT")
     if not rows:
         raise NotFound(f"no workflow has id {workflow_id!r}")
-    wf_id, name, state, result, error, created, updated, finished = rows[0]
+    wf_id, name, state, result, error, created, updated, finished, owner, expires = rows[0]
     return Status(
         wf_id, name, state, _loads(result), _loads(error), created, updated, finished,
         tuple(StepRecord(seq, step, st, attempts, _loads(res), _loads(err),
                          tuple(_loads(fails) or ()), started, step_updated, step_finished)
               for seq, step, st, attempts, res, err, fails, started, step_updated,
               step_finished in steps),
+        owner, expires,
     )
 
 
@@ -1817,15 +1822,33 @@ def _where_now(status: Status) -> str:
     if status.state in ("done", "cancelled"):
         return status.state
     if not status.steps:
-        return "pending: accepted, no step started yet"
-    last = status.steps[-1]
-    if last.state != "running":
-        return f"running: step {last.seq} {last.name!r} is {last.state}, the next one is starting"
-    if last.name == _SleepCall.name:
-        return f"sleeping in step {last.seq} until {_utc(last.result)} UTC " \
-               f"({max(0.0, last.result - time.time()):.1f}s from now)"
-    return f"running step {last.seq} {last.name!r}, attempt {last.attempts}, " \
-           f"for {time.time() - last.updated_at:.1f}s"
+        where = "pending: accepted, no step started yet"
+    else:
+        last = status.steps[-1]
+        if last.state != "running":
+            where = f"running: step {last.seq} {last.name!r} is {last.state}, the next one " \
+                    "is starting"
+        elif last.name == _SleepCall.name:
+            where = f"sleeping in step {last.seq} until {_utc(last.result)} UTC " \
+                    f"({max(0.0, last.result - time.time()):.1f}s from now)"
+        else:
+            where = f"running step {last.seq} {last.name!r}, attempt {last.attempts}, " \
+                    f"for {time.time() - last.updated_at:.1f}s"
+    return f"{where}\n  held by: {_holder(status)}"
+
+
+def _holder(status: Status) -> str:
+    """Who holds an unfinished workflow, and whether that one is still there."""
+    if status.owner is None:
+        return (f"no process; the next one that registers {status.name!r} takes it "
+                "(at its start, or within seconds if it is running)")
+    host, _, rest = status.owner.partition("|")
+    who = f"pid {rest.partition('|')[0]} on {host}"
+    if _owner_is_dead(status.owner, socket.gethostname()):
+        return f"{who}, which has exited; a process on this machine takes it over at once"
+    if status.lease_expires_at is None or status.lease_expires_at < time.time():
+        return f"{who}, whose lease ran out; the next process to look takes it over"
+    return f"{who}, lease renewed, good for {status.lease_expires_at - time.time():.0f}s more"
 
 
 def _show(status: Status) -> str:

@@ -235,3 +235,27 @@ def test_two_services_sharing_one_journal_make_one_workflow_and_one_charge(
     finally:
         one.stop()
         two.stop()
+
+
+def test_cli_show_says_who_holds_a_stuck_workflow_and_whether_it_is_alive(
+        tmp_path: Path) -> None:
+    workers = Workers(tmp_path)
+
+    def show() -> str:
+        done = subprocess.run([sys.executable, str(HERE / "durable.py"), str(workers.db),
+                               "show", "wf"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    try:
+        holder = workers.start("start", HANG_TWO="60")
+        workers.wait_for_mark(("wf", "two"), holder)
+        alive = show()
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+        dead = show()
+    finally:
+        workers.kill_all()
+    assert "  now: running step 2 'step', attempt 1" in alive
+    assert f"  held by: pid {holder.pid} on " in alive and "lease renewed" in alive
+    assert f"  held by: pid {holder.pid} on " in dead and "which has exited" in dead
