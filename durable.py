@@ -58,7 +58,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, NoReturn, TypeVar, overload
 
 __version__ = "0.1.0"
 __all__ = [
@@ -519,59 +519,90 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 _Op = Callable[[sqlite3.Connection], Any]
+_Outcome = tuple[str, str | None, str | None]  # a finished workflow's state, result, error
 
 
 class _Writer:
-    """The only thread that writes the journal.
+    """The journal's write connection, and the thread that commits for the event loop.
 
-    Coroutines queue operations; the thread takes every operation waiting and
-    commits them in one transaction, so they share one fsync (group commit). An
-    operation may refuse (raise) only before it writes anything: its caller gets the
-    exception and the others stand. An SQLite error fails the whole batch, rolled
-    back, and every caller in it gets a JournalError. Each caller resumes only after
-    its commit returned.
+    Coroutines queue operations; the writer thread takes every operation waiting and
+    commits them in one transaction, so they share one fsync (group commit). A step
+    thread may commit its own checkpoint in place (`commit_here`) when no batch is
+    being committed, taking whatever else is queued along; when one is, it queues and
+    waits like everyone else. An operation may refuse (raise) only before it writes
+    anything: its caller gets the exception and the others stand. An SQLite error
+    fails the whole batch, rolled back, and every caller in it gets a JournalError.
+    Each caller resumes only after its commit returned.
     """
 
     def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         self._conn = conn
         self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[_Op, asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[tuple[_Op, _Target] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # held while a batch commits
+        self._gate = threading.Lock()  # orders queueing against stopping
+        self._stopped = False
         self._thread = threading.Thread(target=self._main, name="durable-writer", daemon=True)
         self._thread.start()
 
     def submit(self, op: _Op) -> asyncio.Future[Any]:
+        """Queue `op` for the writer thread (call from the event loop)."""
         future = self._loop.create_future()
-        self._queue.put((op, future))
+        self._enqueue(op, future)
         return future
+
+    def commit_here(self, op: _Op) -> tuple[bool, Any]:
+        """Commit `op` from the calling thread (never the event loop's: it blocks) and
+        return (ok, result or exception)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._stopped:
+                    return False, DurableError("the journal is closed")
+                return self._commit_batch([(op, None)])[0]
+            finally:
+                self._lock.release()
+        waiter = _Waiter()
+        self._enqueue(op, waiter)
+        return waiter.wait()
 
     def stop(self) -> None:
         """Commit what is queued, then end the thread (blocks: call from a thread)."""
-        self._queue.put(None)
+        with self._gate:
+            self._stopped = True  # nothing is queued after the end mark
+            self._queue.put(None)
         self._thread.join()
 
-    def _main(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is None:
+    def _enqueue(self, op: _Op, target: _Target) -> None:
+        with self._gate:
+            if not self._stopped:
+                self._queue.put((op, target))
                 return
-            batch = [item]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            outcomes = self._commit([op for op, _ in batch])
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                self._loop.call_soon_threadsafe(
-                    _settle, [future for _, future in batch], outcomes
-                )
+        _deliver(self._loop, [target], [(False, DurableError("the journal is closed"))])
+
+    def _main(self) -> None:
+        while (item := self._queue.get()) is not None:
+            with self._lock:
+                self._commit_batch([item])
+
+    def _commit_batch(self, batch: list[tuple[_Op, _Target | None]]) -> list[tuple[bool, Any]]:
+        """Commit `batch` and whatever else is queued; deliver the queued callers'
+        outcomes and return the outcomes of `batch`. Call with the lock held."""
+        mine = len(batch)
+        while len(batch) < _MAX_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # the writer thread's stop: leave it for the writer thread
+                self._queue.put(None)
+                break
+            batch.append(item)
+        outcomes = self._commit([op for op, _ in batch])
+        waiting = [(target, outcome) for (_, target), outcome in zip(batch, outcomes, strict=True)
+                   if target is not None]
+        if waiting:
+            _deliver(self._loop, [t for t, _ in waiting], [o for _, o in waiting])
+        return outcomes[:mine]
 
     def _commit(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
@@ -592,6 +623,43 @@ class _Writer:
         return outcomes
 
 
+class _Waiter:
+    """A thread waiting for its commit (lighter than a threading.Event)."""
+
+    __slots__ = ("_lock", "outcome")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.outcome: tuple[bool, Any] = (False, None)
+
+    def set(self, outcome: tuple[bool, Any]) -> None:
+        self.outcome = outcome
+        self._lock.release()
+
+    def wait(self) -> tuple[bool, Any]:
+        self._lock.acquire()
+        return self.outcome
+
+
+_Target = asyncio.Future[Any] | _Waiter
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, targets: list[_Target],
+             outcomes: list[tuple[bool, Any]]) -> None:
+    """Hand outcomes to waiting threads at once, and to the loop in one callback."""
+    futures, results = [], []
+    for target, outcome in zip(targets, outcomes, strict=True):
+        if isinstance(target, _Waiter):
+            target.set(outcome)
+        else:
+            futures.append(target)
+            results.append(outcome)
+    if futures:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(_settle, futures, results)
+
+
 class _StepThreads:
     """Worker threads for sync steps, started as needed up to `size`. Lighter than a
     ThreadPoolExecutor (no concurrent.futures.Future per call): each outcome goes
@@ -606,9 +674,12 @@ class _StepThreads:
         self._busy = 0
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-               done: Callable[[bool, Any], None]) -> None:
-        """Run fn(*args, **kwargs) in a worker; then done(ok, value) on the loop."""
-        self._queue.put((contextvars.copy_context(), fn, args, kwargs, done))
+               done: Callable[[bool, Any], None],
+               begin: Callable[[], BaseException | None] | None = None) -> None:
+        """Run fn(*args, **kwargs) in a worker; then done(ok, value) on the loop. If
+        `begin` is given it runs first in the same worker (the step's checkpoint); when
+        it returns an exception, fn does not run and done gets _BeginFailed."""
+        self._queue.put((contextvars.copy_context(), fn, args, kwargs, done, begin))
         with self._lock:
             self._busy += 1
             if self._busy > self._threads and self._threads < self._size:
@@ -625,16 +696,25 @@ class _StepThreads:
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            context, fn, args, kwargs, done = item
-            try:
-                ok, value = True, context.run(fn, *args, **kwargs)
-            except BaseException as exc:  # handed to the workflow as it is
-                ok, value = False, exc
+            context, fn, args, kwargs, done, begin = item
+            failed = begin() if begin is not None else None
+            value: Any
+            if failed is not None:
+                ok, value = False, _BeginFailed(failed)
+            else:
+                try:
+                    ok, value = True, context.run(fn, *args, **kwargs)
+                except BaseException as exc:  # handed to the workflow as it is
+                    ok, value = False, exc
             with self._lock:
                 self._busy -= 1
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 self._loop.call_soon_threadsafe(done, ok, value)
         self._queue.put(None)  # let the next worker see the end too
+
+
+class _BeginFailed(Exception):
+    """A step's checkpoint failed in its step thread; the step did not run."""
 
 
 def _settle(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
@@ -998,11 +1078,10 @@ class Context:
             attempts += 1
             start = time.time()
             history = _dumps(failures) if failures else None
-            await self._write([(_BEGIN_ATTEMPT, (self._id, seq, name, attempts, history,
-                                                 start, start))])
             permanent = False
             try:
-                value = await self._durable._invoke(self._id, call.fn, call.args, call.kwargs)
+                value = await self._attempt(call, [(_BEGIN_ATTEMPT, (
+                    self._id, seq, name, attempts, history, start, start))])
             except Exception as exc:
                 error, permanent = _error_of(exc), isinstance(exc, Permanent)
             else:
@@ -1050,14 +1129,38 @@ class Context:
         self._defer([(_FINISH_STEP, ("done", _dumps(wake), None, None, done, done, self._id,
                                      seq))])
 
-    async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """Commit `statements` (with any deferred ones) if this process still owns the
-        workflow; otherwise stop the workflow with _Interrupted."""
+    async def _attempt(self, call: _StepCall,
+                       statements: list[tuple[str, tuple[Any, ...]]]) -> Any:
+        """Checkpoint the attempt (`statements`), then run the step. A sync step's
+        step thread commits the checkpoint itself just before running it, unless
+        earlier writes of this workflow are still on their way."""
+        durable = self._durable
+        if self._inflight or inspect.iscoroutinefunction(call.fn):
+            await self._write(statements)
+            return await durable._invoke(self._id, call.fn, call.args, call.kwargs)
+        self._check_writable()
+        statements, self._pending = self._pending + statements, []
+        begin = durable._fenced(self._id, self._owner, statements)
+        try:
+            return await durable._invoke(self._id, call.fn, call.args, call.kwargs, begin)
+        except _BeginFailed as failed:
+            self._write_failed(failed.args[0])
+
+    def _check_writable(self) -> None:
         if isinstance(self._abort, _Interrupted):
             raise self._abort
         if self._durable._closing:
             self._stop(_Interrupted("the journal is closing"))
             raise self._abort  # type: ignore[misc]
+
+    def _write_failed(self, exc: BaseException) -> NoReturn:
+        self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
+        raise self._abort from None
+
+    async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Commit `statements` (with any deferred ones) if this process still owns the
+        workflow; otherwise stop the workflow with _Interrupted."""
+        self._check_writable()
         statements, self._pending = self._pending + statements, []
         future = self._durable._write_fenced(self._id, self._owner, statements)
         future.add_done_callback(_retrieve)
@@ -1067,8 +1170,7 @@ class Context:
                 await earlier
             await future
         except (DurableError, _Interrupted) as exc:
-            self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
-            raise self._abort from None
+            self._write_failed(exc)
 
     def _defer(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         self._pending += statements
@@ -1206,7 +1308,7 @@ class Durable:
         self._tick = min(self.lease / 3, 2.0)
         self._registry: dict[str, _Workflow] = {}
         self._names: dict[Callable[..., Any], str] = {}
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, asyncio.Task[_Outcome | None]] = {}
         self._contexts: dict[str, Context] = {}
         self._stepping: dict[str, int] = {}  # workflow id -> sync steps in threads
         self._stalls: dict[str, int] = {}  # workflow id -> failed journal writes in a row
@@ -1401,15 +1503,20 @@ class Durable:
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         return await self._query(lambda conn: conn.execute(sql, params).fetchall())
 
-    def _write_fenced(self, workflow_id: str, owner: str,
-                      statements: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
+    def _fenced(self, workflow_id: str, owner: str,
+                statements: Sequence[tuple[str, tuple[Any, ...]]]) -> _Op:
+        """An operation writing `statements` only if `owner` still holds the workflow."""
         def op(conn: sqlite3.Connection) -> None:
             if conn.execute(_TOUCH_WORKFLOW, (time.time(), workflow_id, owner)).rowcount != 1:
                 raise _why_fenced(conn, workflow_id)
             for sql, params in statements:
                 conn.execute(sql, params)
 
-        return self._open_writer().submit(op)
+        return op
+
+    def _write_fenced(self, workflow_id: str, owner: str,
+                      statements: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
+        return self._open_writer().submit(self._fenced(workflow_id, owner, statements))
 
     # Running.
 
@@ -1500,7 +1607,10 @@ class Durable:
         self._running[workflow_id] = task
 
     async def _run_workflow(self, workflow_id: str, workflow: _Workflow, text: str,
-                            journal: dict[int, _JournaledStep]) -> None:
+                            journal: dict[int, _JournaledStep]
+                            ) -> _Outcome | None:
+        """Run the workflow to its end; return the outcome committed (state, result,
+        error), or None if it stopped unfinished."""
         ctx = self._contexts[workflow_id] = Context(self, workflow_id,
                                                     workflow.retry or self._default_retry, journal)
         data = _loads(text)
@@ -1520,7 +1630,7 @@ class Durable:
                         "under a running workflow"
                     )
                 try:
-                    outcome: tuple[str, str | None, str | None] = ("done", _dumps(value), None)
+                    outcome: _Outcome = ("done", _dumps(value), None)
                 except (TypeError, ValueError) as exc:
                     raise TypeError(f"the workflow returned a value that is not JSON: {exc}") \
                         from None
@@ -1535,22 +1645,28 @@ class Durable:
             now = time.time()
             await ctx._write([(_FINISH_WORKFLOW, (*outcome, now, now, workflow_id))])
             self._stalls.pop(workflow_id, None)
+            return outcome  # committed: local waiters take it from here, no read needed
         except _Interrupted as stop:
             if isinstance(stop, _Fenced):
                 _log.log(stop.level, "%s", stop)
             elif not self._closing:
                 cause = stop.args[0] if stop.args else stop
                 self._retry_later(workflow_id, cause)
+            return None
         finally:
             if self._running.get(workflow_id) is asyncio.current_task():
                 del self._running[workflow_id]
                 del self._contexts[workflow_id]
 
     async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> Any:
+                      kwargs: dict[str, Any], begin: _Op | None = None) -> Any:
+        """Run a step. A sync step runs in a step thread; `begin`, its checkpoint,
+        is then committed by that thread just before (one trip instead of two), and a
+        failed commit raises _BeginFailed with fn not run."""
         if inspect.iscoroutinefunction(fn):
+            assert begin is None
             return await fn(*args, **kwargs)
-        assert self._pool is not None
+        assert self._pool is not None and self._writer is not None
         future = asyncio.get_running_loop().create_future()
         # Counted until the thread returns, even if the workflow is cancelled first:
         # close() must not hand a workflow to another process while its step still runs.
@@ -1566,7 +1682,19 @@ class Durable:
                 future.set_exception(RuntimeError(f"the step raised {value!r}")
                                      if isinstance(value, StopIteration) else value)
 
-        self._pool.submit(fn, args, kwargs, done)
+        checkpoint: Callable[[], BaseException | None] | None = None
+        if begin is not None:
+            writer = self._writer
+
+            def checkpoint() -> BaseException | None:
+                # In the step thread. A workflow cancelled or closing meanwhile
+                # neither checkpoints nor runs the step.
+                if future.cancelled() or self._closing:
+                    return _Interrupted("the workflow stopped before the step began")
+                ok, value = writer.commit_here(begin)
+                return None if ok else value
+
+        self._pool.submit(fn, args, kwargs, done, checkpoint)
         value = await future
         if inspect.isawaitable(value):
             value = await value
@@ -1577,7 +1705,7 @@ class Durable:
         if left:
             self._stepping[workflow_id] = left
 
-    async def _wait(self, workflow_id: str) -> tuple[str, str | None, str | None]:
+    async def _wait(self, workflow_id: str) -> _Outcome:
         """Wait until the workflow is finished; return its state, result and error."""
         delay = 0.01
         while True:
@@ -1585,7 +1713,11 @@ class Durable:
             running_here = task is not None and ctx is not None and not ctx._stopped
             if running_here:
                 assert task is not None and ctx is not None
-                await asyncio.wait({task, ctx._halted()}, return_when=asyncio.FIRST_COMPLETED)
+                either: list[asyncio.Future[Any]] = [task, ctx._halted()]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if task.done() and not task.cancelled() and task.exception() is None \
+                        and (outcome := task.result()) is not None:
+                    return outcome
             rows = await self._read(_SELECT_OUTCOME, (workflow_id,))
             if not rows:
                 raise NotFound(f"no workflow has id {workflow_id!r}")
