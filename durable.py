@@ -141,30 +141,40 @@ _INSERT_WORKFLOW = """
     VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
     ON CONFLICT (id) DO NOTHING"""
 _SELECT_IDENTITY = "SELECT name, input_hash, state, owner FROM workflows WHERE id = ?"
-# Fencing: every checkpoint starts with this; it matches only while the writer owns
-# the workflow and the workflow is unfinished.
+# Fencing: every checkpoint matches only while the writer owns the workflow and the
+# workflow is unfinished. A workflow's first checkpoint in a process marks it running;
+# later ones write their step rows only under the same condition (one statement).
 _TOUCH_WORKFLOW = """
     UPDATE workflows SET state = 'running', updated_at = ?
     WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
-# `failures` is a JSON list of the step's failed attempts: attempt, times, error.
-_BEGIN_ATTEMPT = """
-    INSERT INTO steps (workflow_id, seq, name, state, attempts, failures, started_at,
-                       updated_at)
-    VALUES (?, ?, ?, 'running', ?, ?, ?, ?)
-    ON CONFLICT (workflow_id, seq) DO UPDATE SET
-        state = 'running', attempts = excluded.attempts, failures = excluded.failures,
-        updated_at = excluded.updated_at"""
-# A durable sleep is a step whose result is its wake time.
-_BEGIN_SLEEP = """
-    INSERT INTO steps (workflow_id, seq, name, state, attempts, result, started_at, updated_at)
-    VALUES (?, ?, ?, 'running', 1, ?, ?, ?)"""
-_FINISH_STEP = """
-    UPDATE steps SET state = ?, result = ?, error = ?, failures = ?, updated_at = ?,
-                     finished_at = ?
-    WHERE workflow_id = ? AND seq = ?"""
 _FINISH_WORKFLOW = """
     UPDATE workflows SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
-    WHERE id = ?"""
+    WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
+# A step row written whole: the start of an attempt, or the step's end. An existing row
+# keeps its name and first start. `failures` is a JSON list of the step's failed
+# attempts (attempt, times, error); a durable sleep's result is its wake time.
+_STEP_COLUMNS = ("workflow_id, seq, name, state, attempts, result, error, failures, "
+                 "started_at, updated_at, finished_at")
+_STEP_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_STEP_UPSERT = """
+    ON CONFLICT (workflow_id, seq) DO UPDATE SET
+        state = excluded.state, attempts = excluded.attempts, result = excluded.result,
+        error = excluded.error, failures = excluded.failures,
+        updated_at = excluded.updated_at, finished_at = excluded.finished_at"""
+
+
+@functools.lru_cache(maxsize=16)
+def _put_steps(count: int, fenced: bool) -> str:
+    """SQL writing `count` step rows; fenced: only while (id, owner) holds the workflow
+    unfinished (the two last parameters), so that zero rows change when it does not."""
+    values = ", ".join([_STEP_VALUES] * count)
+    if not fenced:
+        return f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES {values} {_STEP_UPSERT}"
+    return (f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT * FROM (VALUES {values}) "
+            "WHERE EXISTS (SELECT 1 FROM workflows WHERE id = ? AND owner = ? "
+            f"AND state IN ('pending', 'running')) {_STEP_UPSERT}")
+
+
 _SELECT_WORKFLOW = """
     SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
            w.finished_at, w.owner, o.expires_at
@@ -519,6 +529,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 _Op = Callable[[sqlite3.Connection], Any]
+_Row = tuple[Any, ...]  # a step row, in the order of _STEP_COLUMNS
 _Outcome = tuple[str, str | None, str | None]  # a finished workflow's state, result, error
 
 
@@ -954,7 +965,7 @@ class Context:
     """Handed to a workflow as its first argument; `run` makes its steps."""
 
     __slots__ = ("_abort", "_durable", "_flush_due", "_halt", "_id", "_inflight", "_journal",
-                 "_napping", "_owner", "_pending", "_retry", "_seq")
+                 "_napping", "_owner", "_pending", "_retry", "_seq", "_touched")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -965,7 +976,8 @@ class Context:
         self._journal = journal  # steps recorded before this (re)start, consumed by replay
         self._seq = 0
         self._abort: BaseException | None = None
-        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._pending: list[_Row] = []  # finished steps, written with the next checkpoint
+        self._touched = False  # whether a checkpoint has marked the workflow running yet
         self._inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self._flush_due = False
         self._napping: asyncio.Future[None] | None = None
@@ -1080,8 +1092,8 @@ class Context:
             history = _dumps(failures) if failures else None
             permanent = False
             try:
-                value = await self._attempt(call, [(_BEGIN_ATTEMPT, (
-                    self._id, seq, name, attempts, history, start, start))])
+                value = await self._attempt(call, (self._id, seq, name, "running", attempts,
+                                                   None, None, history, start, start, None))
             except Exception as exc:
                 error, permanent = _error_of(exc), isinstance(exc, Permanent)
             else:
@@ -1096,8 +1108,8 @@ class Context:
                     done = time.time()
                     # Written with the next checkpoint (the next step's start or the
                     # workflow's end): the next step cannot start before it is durable.
-                    self._defer([(_FINISH_STEP, ("done", text, None, history, done, done,
-                                                 self._id, seq))])
+                    self._defer((self._id, seq, name, "done", attempts, text, None, history,
+                                 start, done, done))
                     return _loads(text)
             failures.append({"attempt": attempts, "started_at": start,
                              "finished_at": time.time(), "error": error})
@@ -1109,8 +1121,8 @@ class Context:
                          error["message"], delay)
             await self._nap(delay)
         now = time.time()
-        await self._write([(_FINISH_STEP, ("failed", None, _dumps(error), _dumps(failures),
-                                           now, now, self._id, seq))])
+        await self._write([(self._id, seq, name, "failed", attempts, None, _dumps(error),
+                            _dumps(failures), now, now, now)])
         raise StepFailed(name, error["type"], error["message"], attempts)
 
     async def _sleep(self, call: _SleepCall) -> None:
@@ -1122,29 +1134,34 @@ class Context:
         else:
             now = time.time()
             wake = now + call.seconds
-            await self._write([(_BEGIN_SLEEP, (self._id, seq, call.name, _dumps(wake), now,
-                                               now))])
+            await self._write([(self._id, seq, call.name, "running", 1, _dumps(wake), None,
+                                None, now, now, None)])
         await self._nap(wake - time.time())
         done = time.time()
-        self._defer([(_FINISH_STEP, ("done", _dumps(wake), None, None, done, done, self._id,
-                                     seq))])
+        self._defer((self._id, seq, call.name, "done", 1, _dumps(wake), None, None, done, done,
+                     done))
 
-    async def _attempt(self, call: _StepCall,
-                       statements: list[tuple[str, tuple[Any, ...]]]) -> Any:
-        """Checkpoint the attempt (`statements`), then run the step. A sync step's
-        step thread commits the checkpoint itself just before running it, unless
+    async def _attempt(self, call: _StepCall, begin: _Row) -> Any:
+        """Checkpoint the attempt (its step row `begin`), then run the step. A sync
+        step's step thread commits the checkpoint itself just before running it, unless
         earlier writes of this workflow are still on their way."""
         durable = self._durable
         if self._inflight or inspect.iscoroutinefunction(call.fn):
-            await self._write(statements)
+            await self._write([begin])
             return await durable._invoke(self._id, call.fn, call.args, call.kwargs)
         self._check_writable()
-        statements, self._pending = self._pending + statements, []
-        begin = durable._fenced(self._id, self._owner, statements)
         try:
-            return await durable._invoke(self._id, call.fn, call.args, call.kwargs, begin)
+            return await durable._invoke(self._id, call.fn, call.args, call.kwargs,
+                                         self._checkpoint([begin]))
         except _BeginFailed as failed:
             self._write_failed(failed.args[0])
+
+    def _checkpoint(self, rows: list[_Row], outcome: _Outcome | None = None) -> _Op:
+        """The write of `rows` (after the deferred ones) and, if given, the workflow's
+        outcome, fenced on this process holding the workflow unfinished."""
+        rows, self._pending = self._pending + rows, []
+        touch, self._touched = not self._touched, True
+        return self._durable._fenced(self._id, self._owner, rows, outcome, touch)
 
     def _check_writable(self) -> None:
         if isinstance(self._abort, _Interrupted):
@@ -1157,12 +1174,11 @@ class Context:
         self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
         raise self._abort from None
 
-    async def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """Commit `statements` (with any deferred ones) if this process still owns the
-        workflow; otherwise stop the workflow with _Interrupted."""
+    async def _write(self, rows: list[_Row], outcome: _Outcome | None = None) -> None:
+        """Commit step `rows` (after any deferred ones) and the workflow's `outcome`, if
+        this process still owns the workflow; otherwise stop it with _Interrupted."""
         self._check_writable()
-        statements, self._pending = self._pending + statements, []
-        future = self._durable._write_fenced(self._id, self._owner, statements)
+        future = self._durable._open_writer().submit(self._checkpoint(rows, outcome))
         future.add_done_callback(_retrieve)
         inflight, self._inflight = self._inflight, []
         try:
@@ -1172,8 +1188,10 @@ class Context:
         except (DurableError, _Interrupted) as exc:
             self._write_failed(exc)
 
-    def _defer(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        self._pending += statements
+    def _defer(self, row: _Row) -> None:
+        """Write a finished step's row with the next checkpoint: the next step cannot
+        start before it is durable."""
+        self._pending.append(row)
         if not self._flush_due:
             self._flush_due = True
             # Runs only if the workflow awaits something other than a step first.
@@ -1182,8 +1200,7 @@ class Context:
     def _flush(self) -> None:
         self._flush_due = False
         if self._pending and self._abort is None:
-            statements, self._pending = self._pending, []
-            future = self._durable._write_fenced(self._id, self._owner, statements)
+            future = self._durable._open_writer().submit(self._checkpoint([]))
             future.add_done_callback(_retrieve)
             self._inflight.append(future)
 
@@ -1276,6 +1293,10 @@ class Durable:
         retry: the default RetryPolicy for steps (per workflow: `register(retry=)`,
             per step: `ctx.options(retry=)`).
         max_threads: worker threads for sync steps; more steps wait their turn.
+        max_running: at most this many workflows run at once in this process (None:
+            no limit). The others wait their turn in order, already recorded: run()
+            still returns at once. A limit keeps a burst of new workflows from
+            crowding out the rest of the event loop (an HTTP endpoint accepting them).
         lease: seconds a process holds its workflows without renewing (it renews every
             lease/3 s, at most every 2 s). Another process takes a workflow over when
             its owner's lease ran out (the owner was paused, stuck, or on a machine that
@@ -1285,7 +1306,8 @@ class Durable:
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",
                  busy_timeout: float = 5.0, retry: RetryPolicy | None = None,
-                 max_threads: int = 32, lease: float = 30.0) -> None:
+                 max_threads: int = 32, max_running: int | None = None,
+                 lease: float = 30.0) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
             raise InvalidInput(f"the journal must be a file path, not {self.path!r}")
@@ -1297,12 +1319,18 @@ class Durable:
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise InvalidInput(f"max_threads must be an integer >= 1, not {max_threads!r}")
+        if max_running is not None and (isinstance(max_running, bool) or not isinstance(
+                max_running, int) or max_running < 1):
+            raise InvalidInput(f"max_running must be an integer >= 1 or None, "
+                               f"not {max_running!r}")
         if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0:
             raise InvalidInput(f"lease must be seconds > 0, not {lease!r}")
         self.synchronous = synchronous
         self.busy_timeout = float(busy_timeout)
         self._default_retry = retry or RetryPolicy()
         self.max_threads = max_threads
+        self.max_running = max_running
+        self._slots: asyncio.Semaphore | None = None
         self.lease = float(lease)
         # How often the lease is renewed and orphaned workflows are looked for.
         self._tick = min(self.lease / 3, 2.0)
@@ -1418,6 +1446,7 @@ class Durable:
         self._reader = reader
         self._writer = _Writer(write_conn, loop)
         self._pool = _StepThreads(self.max_threads, loop)
+        self._slots = None if self.max_running is None else asyncio.Semaphore(self.max_running)
         try:
             await self._renew(forget=True)
             await self._adopt_orphans(opening=True)
@@ -1503,20 +1532,27 @@ class Durable:
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         return await self._query(lambda conn: conn.execute(sql, params).fetchall())
 
-    def _fenced(self, workflow_id: str, owner: str,
-                statements: Sequence[tuple[str, tuple[Any, ...]]]) -> _Op:
-        """An operation writing `statements` only if `owner` still holds the workflow."""
+    def _fenced(self, workflow_id: str, owner: str, rows: list[_Row],
+                outcome: _Outcome | None, touch: bool) -> _Op:
+        """An operation writing step `rows` and the workflow's `outcome` (if any) only if
+        `owner` holds the workflow unfinished; `touch` marks it running first."""
+        flat = tuple(value for row in rows for value in row)
+
         def op(conn: sqlite3.Connection) -> None:
-            if conn.execute(_TOUCH_WORKFLOW, (time.time(), workflow_id, owner)).rowcount != 1:
+            if outcome is not None or touch:
+                now = time.time()
+                fence = (conn.execute(_FINISH_WORKFLOW, (*outcome, now, now, workflow_id, owner))
+                         if outcome is not None
+                         else conn.execute(_TOUCH_WORKFLOW, (now, workflow_id, owner)))
+                if fence.rowcount != 1:
+                    raise _why_fenced(conn, workflow_id)
+                if rows:
+                    conn.execute(_put_steps(len(rows), False), flat)
+            elif rows and conn.execute(_put_steps(len(rows), True),
+                                       (*flat, workflow_id, owner)).rowcount != len(rows):
                 raise _why_fenced(conn, workflow_id)
-            for sql, params in statements:
-                conn.execute(sql, params)
 
         return op
-
-    def _write_fenced(self, workflow_id: str, owner: str,
-                      statements: Sequence[tuple[str, tuple[Any, ...]]]) -> asyncio.Future[Any]:
-        return self._open_writer().submit(self._fenced(workflow_id, owner, statements))
 
     # Running.
 
@@ -1614,7 +1650,11 @@ class Durable:
         ctx = self._contexts[workflow_id] = Context(self, workflow_id,
                                                     workflow.retry or self._default_retry, journal)
         data = _loads(text)
+        slots, has_slot = self._slots, False
         try:
+            if slots is not None:
+                await slots.acquire()  # cancelled while waiting: cleaned up below
+                has_slot = True
             try:
                 if workflow.is_async:
                     value = await workflow.fn(ctx, *data["args"], **data["kwargs"])
@@ -1642,8 +1682,7 @@ class Durable:
                            error["message"])
             if isinstance(ctx._abort, _Interrupted):
                 raise ctx._abort
-            now = time.time()
-            await ctx._write([(_FINISH_WORKFLOW, (*outcome, now, now, workflow_id))])
+            await ctx._write([], outcome)
             self._stalls.pop(workflow_id, None)
             return outcome  # committed: local waiters take it from here, no read needed
         except _Interrupted as stop:
@@ -1654,6 +1693,9 @@ class Durable:
                 self._retry_later(workflow_id, cause)
             return None
         finally:
+            if has_slot:
+                assert slots is not None
+                slots.release()
             if self._running.get(workflow_id) is asyncio.current_task():
                 del self._running[workflow_id]
                 del self._contexts[workflow_id]
