@@ -562,10 +562,12 @@ class _Writer:
         self._enqueue(op, future)
         return future
 
-    def commit_here(self, op: _Op) -> tuple[bool, Any]:
+    def commit_here(self, op: _Op, alone: bool) -> tuple[bool, Any]:
         """Commit `op` from the calling thread (never the event loop's: it blocks) and
-        return (ok, result or exception)."""
-        if self._lock.acquire(blocking=False):
+        return (ok, result or exception). In place only when the caller is `alone` (no
+        other step running) and nothing else waits to be written; otherwise through the
+        writer thread, so that concurrent checkpoints still share commits."""
+        if alone and self._queue.empty() and self._lock.acquire(blocking=False):
             try:
                 if self._stopped:
                     return False, DurableError("the journal is closed")
@@ -575,6 +577,10 @@ class _Writer:
         waiter = _Waiter()
         self._enqueue(op, waiter)
         return waiter.wait()
+
+    def idle(self) -> bool:
+        """Nothing is queued for the writer thread."""
+        return self._queue.empty()
 
     def stop(self) -> None:
         """Commit what is queued, then end the thread (blocks: call from a thread)."""
@@ -684,6 +690,11 @@ class _StepThreads:
         self._threads = 0
         self._busy = 0
 
+    @property
+    def busy(self) -> int:
+        """Steps submitted and not yet returned."""
+        return self._busy
+
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                done: Callable[[bool, Any], None],
                begin: Callable[[], BaseException | None] | None = None) -> None:
@@ -708,8 +719,11 @@ class _StepThreads:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             context, fn, args, kwargs, done, begin = item
-            failed = begin() if begin is not None else None
             value: Any
+            try:
+                failed = begin() if begin is not None else None
+            except BaseException as exc:  # a bug, not the journal: the step must not run
+                failed = exc
             if failed is not None:
                 ok, value = False, _BeginFailed(failed)
             else:
@@ -1142,11 +1156,15 @@ class Context:
                      done))
 
     async def _attempt(self, call: _StepCall, begin: _Row) -> Any:
-        """Checkpoint the attempt (its step row `begin`), then run the step. A sync
-        step's step thread commits the checkpoint itself just before running it, unless
-        earlier writes of this workflow are still on their way."""
+        """Checkpoint the attempt (its step row `begin`), then run the step.
+
+        When no other step is running, a sync step's thread commits the checkpoint
+        itself just before running the step: one trip from the event loop instead of
+        two. Otherwise the checkpoint goes to the writer thread first, where it shares
+        a commit with everyone else's (step threads waiting for commits would cap each
+        batch at the number of threads)."""
         durable = self._durable
-        if self._inflight or inspect.iscoroutinefunction(call.fn):
+        if self._inflight or inspect.iscoroutinefunction(call.fn) or not durable._idle():
             await self._write([begin])
             return await durable._invoke(self._id, call.fn, call.args, call.kwargs)
         self._check_writable()
@@ -1532,6 +1550,11 @@ class Durable:
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         return await self._query(lambda conn: conn.execute(sql, params).fetchall())
 
+    def _idle(self) -> bool:
+        """No sync step is running and no write is waiting for the writer thread."""
+        return (self._pool is not None and self._pool.busy == 0
+                and self._writer is not None and self._writer.idle())
+
     def _fenced(self, workflow_id: str, owner: str, rows: list[_Row],
                 outcome: _Outcome | None, touch: bool) -> _Op:
         """An operation writing step `rows` and the workflow's `outcome` (if any) only if
@@ -1726,14 +1749,14 @@ class Durable:
 
         checkpoint: Callable[[], BaseException | None] | None = None
         if begin is not None:
-            writer = self._writer
+            writer, pool = self._writer, self._pool
 
             def checkpoint() -> BaseException | None:
                 # In the step thread. A workflow cancelled or closing meanwhile
                 # neither checkpoints nor runs the step.
                 if future.cancelled() or self._closing:
                     return _Interrupted("the workflow stopped before the step began")
-                ok, value = writer.commit_here(begin)
+                ok, value = writer.commit_here(begin, pool.busy <= 1)
                 return None if ok else value
 
         self._pool.submit(fn, args, kwargs, done, checkpoint)
