@@ -6,6 +6,7 @@ order, and the customer is charged once, because every outside call carries a ke
 derived from the order id.
 
     python app.py                    # 127.0.0.1:8000 (HOST, PORT), journal orders.db (DURABLE_DB)
+    MAX_RUNNING=32 python app.py     # orders processed at once (default 8; the rest wait)
     FLAKY=reserve python app.py      # reserve fails once per order, then succeeds on retry
     CRASH_AT=charge python app.py    # dies inside charge, after charging, before the checkpoint
 """
@@ -46,6 +47,9 @@ DURABLE_DB = os.environ.get("DURABLE_DB", "orders.db")
 PROVIDERS_DB = os.environ.get("PROVIDERS_DB", os.path.splitext(DURABLE_DB)[0] + "-providers.db")
 FLAKY = os.environ.get("FLAKY", "")
 CRASH_AT = os.environ.get("CRASH_AT", "")
+# Orders processed at once; the others wait their turn in the journal, already
+# accepted. Kept low so that a burst of orders does not crowd out the endpoint itself.
+MAX_RUNNING = int(os.environ.get("MAX_RUNNING", "8"))
 # Test-only: the payment provider ignores idempotency keys, to show what they prevent.
 PAYMENT_KEYS = os.environ.get("PAYMENT_KEYS", "on") != "off"
 
@@ -226,7 +230,7 @@ def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> boo
 
 # THE WORKFLOW.
 
-dur = Durable(DURABLE_DB)
+dur = Durable(DURABLE_DB, max_running=MAX_RUNNING)
 
 
 @dur.register

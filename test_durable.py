@@ -32,6 +32,7 @@ from durable import (
     Permanent,
     RetryPolicy,
     StepFailed,
+    WorkflowCancelled,
     WorkflowFailed,
 )
 
@@ -140,7 +141,8 @@ def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(d
 
 @pytest.mark.parametrize("settings", [
     {"synchronous": "OFF"}, {"busy_timeout": -1}, {"retry": 3}, {"max_threads": 0},
-    {"lease": 0}, {"lease": "30"},
+    {"max_running": 0}, {"max_running": True}, {"max_running": 2.0}, {"lease": 0},
+    {"lease": "30"},
 ])
 def test_bad_settings_are_refused_at_construction(db: Path, settings: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput):
@@ -349,6 +351,57 @@ def test_sync_steps_share_a_bounded_pool_of_threads(db: Path) -> None:
             await asyncio.gather(*(h.result() for h in handles))
 
     arun(main())
+    assert peak == 2
+
+
+def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Path) -> None:
+    dur = Durable(db, max_running=2)
+    inside, peak = 0, 0
+
+    async def hold() -> None:
+        nonlocal inside, peak
+        inside += 1
+        peak = max(peak, inside)
+        try:
+            await asyncio.sleep(0.05)
+        finally:  # close() cancels it
+            inside -= 1
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.run(hold)
+        yield ctx.run(hold)
+        return ctx.id
+
+    async def main() -> None:
+        async with dur:
+            started = time.monotonic()
+            handles = [await dur.run(f"m{i}", wf) for i in range(6)]
+            assert time.monotonic() - started < 1  # run() does not wait for a slot
+            states = {(await h.status()).state for h in handles}
+            assert "pending" in states  # the waiting ones are recorded, not yet started
+            assert await dur.cancel("m5")  # cancelled while waiting for its turn
+            assert [await h.result() for h in handles[:5]] == [f"m{i}" for i in range(5)]
+            with pytest.raises(WorkflowCancelled):
+                await handles[5].result()
+            assert not dur._running  # nothing is left waiting for a slot
+            # close() with workflows still waiting for a slot ends at once; they stay
+            # unfinished in the journal and run at the next open.
+            for i in range(6, 10):
+                await dur.run(f"m{i}", wf)
+
+    arun(main())
+    assert peak == 2
+    assert rows(db, "SELECT count(*) FROM workflows WHERE state IN ('pending', 'running')") \
+        != [(0,)]
+
+    async def reopen() -> list[Any]:
+        again = Durable(db, max_running=2)
+        again.register(wf)
+        async with again:
+            return [await (await again.get(f"m{i}")).result() for i in range(6, 10)]
+
+    assert arun(reopen()) == [f"m{i}" for i in range(6, 10)]
     assert peak == 2
 
 
