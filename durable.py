@@ -1158,7 +1158,7 @@ class Context:
     async def _attempt(self, call: _StepCall, begin: _Row) -> Any:
         """Checkpoint the attempt (its step row `begin`), then run the step.
 
-        When no other step is running, a sync step's thread commits the checkpoint
+        When no other workflow runs, a sync step's thread commits the checkpoint
         itself just before running the step: one trip from the event loop instead of
         two. Otherwise the checkpoint goes to the writer thread first, where it shares
         a commit with everyone else's (step threads waiting for commits would cap each
@@ -1551,8 +1551,9 @@ class Durable:
         return await self._query(lambda conn: conn.execute(sql, params).fetchall())
 
     def _idle(self) -> bool:
-        """No sync step is running and no write is waiting for the writer thread."""
-        return (self._pool is not None and self._pool.busy == 0
+        """One workflow runs here, no sync step is running and no write is waiting for
+        the writer thread."""
+        return (len(self._running) <= 1 and self._pool is not None and self._pool.busy == 0
                 and self._writer is not None and self._writer.idle())
 
     def _fenced(self, workflow_id: str, owner: str, rows: list[_Row],
