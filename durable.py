@@ -1348,7 +1348,6 @@ class Durable:
         self._default_retry = retry or RetryPolicy()
         self.max_threads = max_threads
         self.max_running = max_running
-        self._slots: asyncio.Semaphore | None = None
         self.lease = float(lease)
         # How often the lease is renewed and orphaned workflows are looked for.
         self._tick = min(self.lease / 3, 2.0)
@@ -1356,6 +1355,10 @@ class Durable:
         self._names: dict[Callable[..., Any], str] = {}
         self._running: dict[str, asyncio.Task[_Outcome | None]] = {}
         self._contexts: dict[str, Context] = {}
+        # Workflows waiting for one of `max_running` places, in order: id -> (workflow
+        # name, input, journal). Plain values, no task: the garbage collector has
+        # nothing to walk in a backlog of thousands.
+        self._queued: dict[str, tuple[str, str, dict[int, _JournaledStep] | None]] = {}
         self._stepping: dict[str, int] = {}  # workflow id -> sync steps in threads
         self._stalls: dict[str, int] = {}  # workflow id -> failed journal writes in a row
         self._timers: set[asyncio.TimerHandle] = set()
@@ -1464,7 +1467,6 @@ class Durable:
         self._reader = reader
         self._writer = _Writer(write_conn, loop)
         self._pool = _StepThreads(self.max_threads, loop)
-        self._slots = None if self.max_running is None else asyncio.Semaphore(self.max_running)
         try:
             await self._renew(forget=True)
             await self._adopt_orphans(opening=True)
@@ -1486,6 +1488,7 @@ class Durable:
         if writer is None or reader is None or pool is None or self._closing:
             return
         self._closing = True  # from here no step starts and no checkpoint is written
+        self._queued.clear()  # they stay unfinished, released below like the rest
         for timer in self._timers:
             timer.cancel()
         if self._maintenance is not None:
@@ -1636,7 +1639,7 @@ class Durable:
         future = writer.submit(insert)
         future.add_done_callback(start)
         created, state, known_owner = await asyncio.shield(future)
-        if not created and state in _UNFINISHED and id not in self._running and (
+        if not created and state in _UNFINISHED and not self._here(id) and (
                 known_owner is None or known_owner == owner
                 or _owner_is_dead(known_owner, self._host)):
             await self._resume([(id, known_owner, True)])  # recorded, but nobody runs it
@@ -1649,9 +1652,13 @@ class Durable:
             raise NotFound(f"no workflow has id {id!r}")
         return Handle(self, id, False)
 
+    def _here(self, workflow_id: str) -> bool:
+        """Whether this process runs the workflow or has it waiting for its turn."""
+        return workflow_id in self._running or workflow_id in self._queued
+
     def _start(self, workflow_id: str, workflow: _Workflow, text: str,
                journal: dict[int, _JournaledStep]) -> None:
-        if self._closing:
+        if self._closing or workflow_id in self._queued:
             return
         old = self._running.get(workflow_id)
         if old is not None:
@@ -1659,6 +1666,9 @@ class Durable:
             # for its step thread: the new workflow starts when that task has ended.
             old.add_done_callback(
                 lambda _: self._start(workflow_id, workflow, text, journal))
+            return
+        if self.max_running is not None and len(self._running) >= self.max_running:
+            self._queued[workflow_id] = (workflow.name, text, journal or None)
             return
         task = asyncio.get_running_loop().create_task(
             self._run_workflow(workflow_id, workflow, text, journal),
@@ -1674,11 +1684,7 @@ class Durable:
         ctx = self._contexts[workflow_id] = Context(self, workflow_id,
                                                     workflow.retry or self._default_retry, journal)
         data = _loads(text)
-        slots, has_slot = self._slots, False
         try:
-            if slots is not None:
-                await slots.acquire()  # cancelled while waiting: cleaned up below
-                has_slot = True
             try:
                 if workflow.is_async:
                     value = await workflow.fn(ctx, *data["args"], **data["kwargs"])
@@ -1717,12 +1723,18 @@ class Durable:
                 self._retry_later(workflow_id, cause)
             return None
         finally:
-            if has_slot:
-                assert slots is not None
-                slots.release()
             if self._running.get(workflow_id) is asyncio.current_task():
                 del self._running[workflow_id]
                 del self._contexts[workflow_id]
+            self._start_queued()
+
+    def _start_queued(self) -> None:
+        """Start waiting workflows while there is room."""
+        while self._queued and self.max_running is not None \
+                and len(self._running) < self.max_running and not self._closing:
+            workflow_id = next(iter(self._queued))
+            name, text, journal = self._queued.pop(workflow_id)
+            self._start(workflow_id, self._registry[name], text, journal or {})
 
     async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any], begin: _Op | None = None) -> Any:
@@ -1775,6 +1787,10 @@ class Durable:
         """Wait until the workflow is finished; return its state, result and error."""
         delay = 0.01
         while True:
+            if workflow_id in self._queued:  # waiting for its turn here
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
             task, ctx = self._running.get(workflow_id), self._contexts.get(workflow_id)
             running_here = task is not None and ctx is not None and not ctx._stopped
             if running_here:
@@ -1809,6 +1825,8 @@ class Durable:
         ctx = self._contexts.get(id)
         if cancelled and ctx is not None:
             ctx._stop(_Fenced(id, "it was cancelled", logging.INFO))
+        if cancelled:
+            self._queued.pop(id, None)  # waiting for its turn: it never starts
         return cancelled
 
     async def retry(self, id: str) -> int:
@@ -1912,7 +1930,7 @@ class Durable:
         me = self._owner
         # Not while a task of ours for the id is still winding down: it must be fenced
         # and gone first, or it could write again under the claim renewed for it.
-        candidates = [c for c in candidates if c[0] not in self._running]
+        candidates = [c for c in candidates if not self._here(c[0])]
 
         def claim(conn: sqlite3.Connection) -> list[str]:
             now = time.time()
@@ -1942,7 +1960,7 @@ class Durable:
         wanted = set(claimed)
         started = 0
         for wf_id, name, text in workflows:
-            if wf_id in wanted and wf_id not in self._running and name in self._registry:
+            if wf_id in wanted and not self._here(wf_id) and name in self._registry:
                 self._start(wf_id, self._registry[name], text, journals.get(wf_id, {}))
                 started += 1
         return started

@@ -357,6 +357,7 @@ def test_sync_steps_share_a_bounded_pool_of_threads(db: Path) -> None:
 def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Path) -> None:
     dur = Durable(db, max_running=2)
     inside, peak = 0, 0
+    starts: dict[str, int] = {}
 
     async def hold() -> None:
         nonlocal inside, peak
@@ -369,6 +370,7 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
 
     @dur.register
     def wf(ctx):
+        starts[ctx.id] = starts.get(ctx.id, 0) + 1
         yield ctx.run(hold)
         yield ctx.run(hold)
         return ctx.id
@@ -378,8 +380,11 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
             started = time.monotonic()
             handles = [await dur.run(f"m{i}", wf) for i in range(6)]
             assert time.monotonic() - started < 1  # run() does not wait for a slot
+            assert len(dur._running) == 2  # the others wait as plain values, not tasks
             states = {(await h.status()).state for h in handles}
             assert "pending" in states  # the waiting ones are recorded, not yet started
+            again = await dur.run("m4", wf)  # a duplicate of a waiting one starts nothing
+            assert not again.created
             assert await dur.cancel("m5")  # cancelled while waiting for its turn
             assert [await h.result() for h in handles[:5]] == [f"m{i}" for i in range(5)]
             with pytest.raises(WorkflowCancelled):
@@ -392,6 +397,7 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
 
     arun(main())
     assert peak == 2
+    assert all(starts[f"m{i}"] == 1 for i in range(5)) and "m5" not in starts
     assert rows(db, "SELECT count(*) FROM workflows WHERE state IN ('pending', 'running')") \
         != [(0,)]
 
