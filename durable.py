@@ -89,6 +89,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _APPLICATION_ID = 0x44757261  # "Dura" in the SQLite file header: this file is a journal.
 _MAX_ID_LENGTH = 255
 _MAX_BATCH = 1024  # most writes committed together in one transaction
+_CHUNK = 900  # most parameters in one statement (SQLite before 3.32 allows 999)
 _UNFINISHED = ("pending", "running")
 _FINISHED = ("done", "failed", "cancelled")
 
@@ -625,7 +626,13 @@ class _Writer:
         outcomes: list[tuple[bool, Any]] = []
         try:
             with _transaction(self._conn) as conn:
+                # run()'s inserts go first, all together: two statements for any number.
+                inserts = [op for op in ops if isinstance(op, _Insert)]
+                inserted = iter(_Insert.all(conn, inserts) if len(inserts) > 1 else ())
                 for op in ops:
+                    if len(inserts) > 1 and isinstance(op, _Insert):
+                        outcomes.append(next(inserted))
+                        continue
                     try:
                         outcomes.append((True, op(conn)))
                     except (Exception, _Interrupted) as exc:
@@ -637,6 +644,74 @@ class _Writer:
         except sqlite3.Error as exc:  # nothing of the batch was committed
             error = _journal_error("journal write failed", exc)
             return [(False, error)] * len(ops)
+        return outcomes
+
+
+class _Insert:
+    """run()'s write: record a new workflow, or report the one already under its id
+    as (created, state, owner), refusing (IdempotencyConflict) another function or
+    other arguments under the same id. Alone it is called as an operation; several in
+    one batch are written by `all` in two statements, because every statement costs the
+    writer thread the GIL again, and an HTTP server's event loop rarely lets go of it."""
+
+    __slots__ = ("digest", "id", "name", "owner", "text")
+
+    def __init__(self, workflow_id: str, name: str, text: str, digest: str, owner: str) -> None:
+        self.id, self.name, self.text, self.digest, self.owner = (
+            workflow_id, name, text, digest, owner)
+
+    def __call__(self, conn: sqlite3.Connection) -> tuple[bool, str, str | None]:
+        now = time.time()
+        values = (self.id, self.name, self.text, self.digest, self.owner, now, now)
+        if conn.execute(_INSERT_WORKFLOW, values).rowcount:
+            return True, "pending", self.owner
+        return self._known(*conn.execute(_SELECT_IDENTITY, (self.id,)).fetchone())
+
+    def _known(self, name: str, digest: str, state: str,
+               owner: str | None) -> tuple[bool, str, str | None]:
+        if name != self.name:
+            raise IdempotencyConflict(
+                f"workflow {self.id!r} already exists as {name!r}, not {self.name!r}; "
+                "use a new id")
+        if digest != self.digest:
+            raise IdempotencyConflict(
+                f"workflow {self.id!r} already exists with different arguments; use a new "
+                "id or the same arguments")
+        return False, state, owner
+
+    @staticmethod
+    def all(conn: sqlite3.Connection, inserts: list[_Insert]) -> list[tuple[bool, Any]]:
+        """Write `inserts` as if one after another; (ok, result or refusal) for each."""
+        known: dict[str, tuple[str, str, str, str | None]] = {}
+        ids = list(dict.fromkeys(insert.id for insert in inserts))
+        for first in range(0, len(ids), _CHUNK):
+            some = ids[first:first + _CHUNK]
+            marks = ", ".join("?" * len(some))
+            for wf_id, name, digest, state, owner in conn.execute(
+                    f"SELECT id, name, input_hash, state, owner FROM workflows "
+                    f"WHERE id IN ({marks})", some):
+                known[wf_id] = (name, digest, state, owner)
+        now = time.time()
+        outcomes: list[tuple[bool, Any]] = []
+        new: list[_Insert] = []
+        for insert in inserts:
+            if insert.id in known:
+                try:
+                    outcomes.append((True, insert._known(*known[insert.id])))
+                except IdempotencyConflict as exc:
+                    outcomes.append((False, exc))
+            else:
+                known[insert.id] = (insert.name, insert.digest, "pending", insert.owner)
+                new.append(insert)
+                outcomes.append((True, (True, "pending", insert.owner)))
+        rows = _CHUNK // 8
+        for first in range(0, len(new), rows):
+            chunk = new[first:first + rows]
+            conn.execute(
+                "INSERT INTO workflows (id, name, input, input_hash, state, owner, "
+                "created_at, updated_at) VALUES "
+                + ", ".join(["(?, ?, ?, ?, 'pending', ?, ?, ?)"] * len(chunk)),
+                [v for i in chunk for v in (i.id, i.name, i.text, i.digest, i.owner, now, now)])
         return outcomes
 
 
@@ -1610,25 +1685,7 @@ class Durable:
                 f"arguments of workflow {workflow.name!r} must be JSON-serializable: {exc}"
             ) from None
         digest = hashlib.sha256(canonical.encode()).hexdigest()
-        owner, name = self._owner, workflow.name
-
-        def insert(conn: sqlite3.Connection) -> tuple[bool, str, str | None]:
-            now = time.time()
-            if conn.execute(_INSERT_WORKFLOW, (id, name, text, digest, owner, now, now)).rowcount:
-                return True, "pending", owner
-            known_name, known_digest, state, known_owner = conn.execute(
-                _SELECT_IDENTITY, (id,)).fetchone()
-            if known_name != name:
-                raise IdempotencyConflict(
-                    f"workflow {id!r} already exists as {known_name!r}, not {name!r}; "
-                    "use a new id"
-                )
-            if known_digest != digest:
-                raise IdempotencyConflict(
-                    f"workflow {id!r} already exists with different arguments; use a new id "
-                    "or the same arguments"
-                )
-            return False, state, known_owner
+        insert = _Insert(id, workflow.name, text, digest, self._owner)
 
         def start(future: asyncio.Future[tuple[bool, str, str | None]]) -> None:
             # A callback, not code after the await: the workflow starts even if the
@@ -1640,7 +1697,7 @@ class Durable:
         future.add_done_callback(start)
         created, state, known_owner = await asyncio.shield(future)
         if not created and state in _UNFINISHED and not self._here(id) and (
-                known_owner is None or known_owner == owner
+                known_owner is None or known_owner == self._owner
                 or _owner_is_dead(known_owner, self._host)):
             await self._resume([(id, known_owner, True)])  # recorded, but nobody runs it
         return Handle(self, id, created)

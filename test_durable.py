@@ -597,6 +597,42 @@ def test_concurrent_duplicate_runs_in_one_process_execute_once(db: Path) -> None
     assert ran == ["validate", "charge"]
 
 
+def test_many_runs_committed_together_answer_as_if_one_after_another(db: Path) -> None:
+    # Inserts queued together are written in one statement: duplicates and conflicts
+    # inside one batch must still get the answers a one-by-one order would give.
+    dur = Durable(db)
+
+    @dur.register
+    async def wf(ctx, n):
+        return n
+
+    @dur.register
+    async def other(ctx, n):
+        return n
+
+    async def main() -> list[Any]:
+        async with dur:
+            await dur.run("old", wf, 0)
+            calls = []
+            for i in range(300):
+                calls += [dur.run(f"w{i}", wf, i), dur.run(f"w{i}", wf, i),
+                          dur.run(f"w{i}", wf, -1), dur.run(f"w{i}", other, i)]
+            calls += [dur.run("old", wf, 0), dur.run("old", wf, 1)]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            results = [await (await dur.get(f"w{i}")).result() for i in range(300)]
+            return [outcomes, results]
+
+    outcomes, results = arun(main())
+    for i in range(300):
+        first, again, other_args, other_name = outcomes[4 * i:4 * i + 4]
+        assert (first.created, again.created) == (True, False)
+        assert isinstance(other_args, IdempotencyConflict) and "arguments" in str(other_args)
+        assert isinstance(other_name, IdempotencyConflict) and "'wf'" in str(other_name)
+    assert outcomes[-2].created is False and isinstance(outcomes[-1], IdempotencyConflict)
+    assert results == list(range(300))
+    assert rows(db, "SELECT count(*) FROM workflows") == [(301,)]
+
+
 # Bad input.
 
 
