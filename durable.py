@@ -579,10 +579,6 @@ class _Writer:
         self._enqueue(op, waiter)
         return waiter.wait()
 
-    def idle(self) -> bool:
-        """Nothing is queued for the writer thread."""
-        return self._queue.empty()
-
     def stop(self) -> None:
         """Commit what is queued, then end the thread (blocks: call from a thread)."""
         with self._gate:
@@ -1233,13 +1229,13 @@ class Context:
     async def _attempt(self, call: _StepCall, begin: _Row) -> Any:
         """Checkpoint the attempt (its step row `begin`), then run the step.
 
-        When no other workflow runs, a sync step's thread commits the checkpoint
-        itself just before running the step: one trip from the event loop instead of
-        two. Otherwise the checkpoint goes to the writer thread first, where it shares
-        a commit with everyone else's (step threads waiting for commits would cap each
-        batch at the number of threads)."""
+        A sync step's thread commits the checkpoint just before running the step (in
+        place when nothing else is going on, else through the writer thread, waiting):
+        one trip from the event loop instead of two. With more workflows running than
+        there are threads, the checkpoint goes to the writer thread from the loop."""
         durable = self._durable
-        if self._inflight or inspect.iscoroutinefunction(call.fn) or not durable._idle():
+        if self._inflight or inspect.iscoroutinefunction(call.fn) \
+                or not durable._threads_checkpoint():
             await self._write([begin])
             return await durable._invoke(self._id, call.fn, call.args, call.kwargs)
         self._check_writable()
@@ -1628,11 +1624,12 @@ class Durable:
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         return await self._query(lambda conn: conn.execute(sql, params).fetchall())
 
-    def _idle(self) -> bool:
-        """One workflow runs here, no sync step is running and no write is waiting for
-        the writer thread."""
-        return (len(self._running) <= 1 and self._pool is not None and self._pool.busy == 0
-                and self._writer is not None and self._writer.idle())
+    def _threads_checkpoint(self) -> bool:
+        """Whether sync steps' threads commit their own checkpoints: only while every
+        running workflow could have a thread waiting on its commit. With more running
+        workflows than threads, waiting threads would cap each batch below the number
+        of workflows ready to share it."""
+        return len(self._running) <= self.max_threads
 
     def _fenced(self, workflow_id: str, owner: str, rows: list[_Row],
                 outcome: _Outcome | None, touch: bool) -> _Op:
