@@ -92,12 +92,22 @@ class FlakyNetwork(ConnectionError):
     """The transient failure FLAKY injects: retried, unlike the Permanent errors."""
 
 
+_local = threading.local()  # one connection per step thread, kept
+_write_lock = threading.Lock()  # writers queue here, not in SQLite's sleeping busy handler
+
+
 @contextlib.contextmanager
 def providers(*, write: bool = True) -> Iterator[sqlite3.Connection]:
-    """One transaction on the providers' file; a write takes the lock up front."""
-    conn = sqlite3.connect(PROVIDERS_DB, timeout=30, isolation_level=None)
-    try:
-        conn.execute("PRAGMA synchronous = FULL")
+    """One transaction on the providers' file; a write takes the lock up front.
+
+    The fake providers stand in for outside systems, which keep their data on their
+    own machines: NORMAL survives a crash of this process (what the demos and tests
+    kill), without an fsync of this machine's disk per charge or email."""
+    conn = getattr(_local, "conn", None)
+    if conn is None:
+        conn = _local.conn = sqlite3.connect(PROVIDERS_DB, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA synchronous = NORMAL")
+    with _write_lock if write else contextlib.nullcontext():
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield conn
@@ -105,8 +115,6 @@ def providers(*, write: bool = True) -> Iterator[sqlite3.Connection]:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    finally:
-        conn.close()
 
 
 def setup_providers() -> None:
