@@ -89,7 +89,6 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _APPLICATION_ID = 0x44757261  # "Dura" in the SQLite file header: this file is a journal.
 _MAX_ID_LENGTH = 255
 _MAX_BATCH = 1024  # most writes committed together in one transaction
-_CHUNK = 900  # most parameters in one statement (SQLite before 3.32 allows 999)
 _UNFINISHED = ("pending", "running")
 _FINISHED = ("done", "failed", "cancelled")
 
@@ -142,6 +141,16 @@ _INSERT_WORKFLOW = """
     VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
     ON CONFLICT (id) DO NOTHING"""
 _SELECT_IDENTITY = "SELECT name, input_hash, state, owner FROM workflows WHERE id = ?"
+# Many at once: the ids, and the new rows, as one JSON array each.
+_SELECT_IDENTITIES = """
+    SELECT id, name, input_hash, state, owner FROM workflows
+    WHERE id IN (SELECT value FROM json_each(?))"""
+_INSERT_WORKFLOWS = """
+    INSERT INTO workflows (id, name, input, input_hash, state, owner, created_at, updated_at)
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+           json_extract(value, '$[2]'), json_extract(value, '$[3]'), 'pending',
+           json_extract(value, '$[4]'), ?, ?
+    FROM json_each(?) WHERE true"""
 # Fencing: every checkpoint matches only while the writer owns the workflow and the
 # workflow is unfinished. A workflow's first checkpoint in a process marks it running;
 # later ones write their step rows only under the same condition (one statement).
@@ -624,7 +633,15 @@ class _Writer:
             with _transaction(self._conn) as conn:
                 # run()'s inserts go first, all together: two statements for any number.
                 inserts = [op for op in ops if isinstance(op, _Insert)]
-                inserted = iter(_Insert.all(conn, inserts) if len(inserts) > 1 else ())
+                together: list[tuple[bool, Any]] = []
+                if len(inserts) > 1:
+                    try:
+                        together = _Insert.all(conn, inserts)
+                    except Exception as exc:
+                        if isinstance(exc, sqlite3.Error):
+                            raise
+                        together = [(False, exc)] * len(inserts)  # refused before writing
+                inserted = iter(together)
                 for op in ops:
                     if len(inserts) > 1 and isinstance(op, _Insert):
                         outcomes.append(next(inserted))
@@ -677,19 +694,16 @@ class _Insert:
 
     @staticmethod
     def all(conn: sqlite3.Connection, inserts: list[_Insert]) -> list[tuple[bool, Any]]:
-        """Write `inserts` as if one after another; (ok, result or refusal) for each."""
-        known: dict[str, tuple[str, str, str, str | None]] = {}
-        ids = list(dict.fromkeys(insert.id for insert in inserts))
-        for first in range(0, len(ids), _CHUNK):
-            some = ids[first:first + _CHUNK]
-            marks = ", ".join("?" * len(some))
-            for wf_id, name, digest, state, owner in conn.execute(
-                    f"SELECT id, name, input_hash, state, owner FROM workflows "
-                    f"WHERE id IN ({marks})", some):
-                known[wf_id] = (name, digest, state, owner)
+        """Write `inserts` as if one after another; (ok, result or refusal) for each.
+        The ids and rows travel as one JSON parameter, so the statements' text never
+        changes with their number (SQLite's statement cache keeps two, not hundreds)."""
+        ids = _dumps(list(dict.fromkeys(insert.id for insert in inserts)))
+        known: dict[str, tuple[str, str, str, str | None]] = {
+            wf_id: (name, digest, state, owner)
+            for wf_id, name, digest, state, owner in conn.execute(_SELECT_IDENTITIES, (ids,))}
         now = time.time()
         outcomes: list[tuple[bool, Any]] = []
-        new: list[_Insert] = []
+        new: list[tuple[str, str, str, str, str]] = []
         for insert in inserts:
             if insert.id in known:
                 try:
@@ -698,16 +712,10 @@ class _Insert:
                     outcomes.append((False, exc))
             else:
                 known[insert.id] = (insert.name, insert.digest, "pending", insert.owner)
-                new.append(insert)
+                new.append((insert.id, insert.name, insert.text, insert.digest, insert.owner))
                 outcomes.append((True, (True, "pending", insert.owner)))
-        rows = _CHUNK // 8
-        for first in range(0, len(new), rows):
-            chunk = new[first:first + rows]
-            conn.execute(
-                "INSERT INTO workflows (id, name, input, input_hash, state, owner, "
-                "created_at, updated_at) VALUES "
-                + ", ".join(["(?, ?, ?, ?, 'pending', ?, ?, ?)"] * len(chunk)),
-                [v for i in chunk for v in (i.id, i.name, i.text, i.digest, i.owner, now, now)])
+        if new:
+            conn.execute(_INSERT_WORKFLOWS, (now, now, _dumps(new)))
         return outcomes
 
 
