@@ -776,11 +776,13 @@ class _StepThreads:
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                done: Callable[[bool, Any], None],
-               begin: Callable[[], BaseException | None] | None = None) -> None:
+               begin: Callable[[], BaseException | None] | None = None,
+               after: Callable[[contextvars.Context, Any], Any] | None = None) -> None:
         """Run fn(*args, **kwargs) in a worker; then done(ok, value) on the loop. If
         `begin` is given it runs first in the same worker (the step's checkpoint); when
-        it returns an exception, fn does not run and done gets _BeginFailed."""
-        self._queue.put((contextvars.copy_context(), fn, args, kwargs, done, begin))
+        it returns an exception, fn does not run and done gets _BeginFailed. If `after`
+        is given and fn returned, done gets after(context, value) instead."""
+        self._queue.put((contextvars.copy_context(), fn, args, kwargs, done, begin, after))
         with self._lock:
             self._busy += 1
             if self._busy > self._threads and self._threads < self._size:
@@ -797,7 +799,7 @@ class _StepThreads:
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            context, fn, args, kwargs, done, begin = item
+            context, fn, args, kwargs, done, begin, after = item
             value: Any
             try:
                 failed = begin() if begin is not None else None
@@ -810,6 +812,11 @@ class _StepThreads:
                     ok, value = True, context.run(fn, *args, **kwargs)
                 except BaseException as exc:  # handed to the workflow as it is
                     ok, value = False, exc
+                if ok and after is not None:
+                    try:
+                        value = after(context, value)
+                    except BaseException as exc:  # a bug: fail the workflow, not the thread
+                        value = _Ahead(None, error=exc)
             with self._lock:
                 self._busy -= 1
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -819,6 +826,23 @@ class _StepThreads:
 
 class _BeginFailed(Exception):
     """A step's checkpoint failed in its step thread; the step did not run."""
+
+
+class _Ahead:
+    """What a step thread did after its step, running a generator workflow on: the
+    last finished step's row not yet written (`done`), and where the generator is now:
+    it yielded `call` (which the thread may have `begun`: (seq, attempt, start, ok,
+    value or exception)), returned (`stop`), or raised (`error`); or a checkpoint
+    failed (`write_error`), which stops the workflow."""
+
+    __slots__ = ("begun", "call", "done", "error", "stop", "write_error")
+
+    def __init__(self, done: _Row | None, *, call: _Call | None = None,
+                 begun: tuple[int, int, float, bool, Any] | None = None,
+                 stop: StopIteration | None = None, error: BaseException | None = None,
+                 write_error: BaseException | None = None) -> None:
+        self.done, self.call, self.begun = done, call, begun
+        self.stop, self.error, self.write_error = stop, error, write_error
 
 
 def _settle(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
@@ -1057,8 +1081,8 @@ def _wake(future: asyncio.Future[None]) -> None:
 class Context:
     """Handed to a workflow as its first argument; `run` makes its steps."""
 
-    __slots__ = ("_abort", "_durable", "_flush_due", "_halt", "_id", "_inflight", "_journal",
-                 "_napping", "_owner", "_pending", "_retry", "_seq", "_touched")
+    __slots__ = ("_abort", "_durable", "_flush_due", "_gen", "_halt", "_id", "_inflight",
+                 "_journal", "_napping", "_owner", "_pending", "_retry", "_seq", "_touched")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -1071,6 +1095,7 @@ class Context:
         self._abort: BaseException | None = None
         self._pending: list[_Row] = []  # finished steps, written with the next checkpoint
         self._touched = False  # whether a checkpoint has marked the workflow running yet
+        self._gen: Generator[Any, Any, Any] | None = None  # a generator workflow's, in _drive
         self._inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self._flush_due = False
         self._napping: asyncio.Future[None] | None = None
@@ -1157,13 +1182,17 @@ class Context:
             raise self._abort
         return self._seq, recorded
 
-    async def _execute(self, call: _Call) -> Any:
+    async def _execute(self, call: _Call,
+                       begun: tuple[int, int, float, bool, Any] | None = None) -> Any:
+        """Run a step (or a sleep) and return its result, or an _Ahead when its step
+        thread went on with the workflow. `begun`: a step thread already began this
+        step and ran its first attempt (seq, attempt, start, ok, value or exception)."""
         if isinstance(call, _SleepCall):
             return await self._sleep(call)
         assert isinstance(call, _StepCall)
-        seq, recorded = self._replayed(call)
         name, attempts = call.name, 0
         failures: list[dict[str, Any]] = []
+        seq, recorded = (begun[0], None) if begun is not None else self._replayed(call)
         if recorded is not None:
             if recorded.state == "done":
                 return _loads(recorded.result)
@@ -1185,11 +1214,23 @@ class Context:
             history = _dumps(failures) if failures else None
             permanent = False
             try:
-                value = await self._attempt(call, (self._id, seq, name, "running", attempts,
-                                                   None, None, history, start, start, None))
+                if begun is not None:
+                    _, attempts, start, ok, value = begun
+                    begun = None
+                    if not ok:
+                        raise (RuntimeError(f"the step raised {value!r}")
+                               if isinstance(value, StopIteration) else value)
+                    if inspect.isawaitable(value):
+                        value = await value
+                else:
+                    value = await self._attempt(call, (self._id, seq, name, "running",
+                                                       attempts, None, None, history, start,
+                                                       start, None))
             except Exception as exc:
                 error, permanent = _error_of(exc), isinstance(exc, Permanent)
             else:
+                if isinstance(value, _Ahead):
+                    return value
                 try:
                     text = _dumps(value)
                 except (TypeError, ValueError) as exc:
@@ -1247,9 +1288,10 @@ class Context:
             await self._write([begin])
             return await durable._invoke(self._id, call.fn, call.args, call.kwargs)
         self._check_writable()
+        ahead = None if self._gen is None else functools.partial(self._run_ahead, begin)
         try:
             return await durable._invoke(self._id, call.fn, call.args, call.kwargs,
-                                         self._checkpoint([begin]))
+                                         self._checkpoint([begin]), ahead)
         except _BeginFailed as failed:
             self._write_failed(failed.args[0])
 
@@ -1259,6 +1301,53 @@ class Context:
         rows, self._pending = self._pending + rows, []
         touch, self._touched = not self._touched, True
         return self._durable._fenced(self._id, self._owner, rows, outcome, touch)
+
+    def _run_ahead(self, begin: _Row, context: contextvars.Context, value: Any,
+                   stopped: Callable[[], bool]) -> Any:
+        """In the step thread, after a generator workflow's sync step returned `value`:
+        go on with the workflow there while its next calls are sync steps that begin
+        afresh, committing each checkpoint from this thread, so that the event loop is
+        not needed between one step and the next. Returns `value` untouched if it did
+        not go on, else an _Ahead for `_drive` to continue from."""
+        gen, durable = self._gen, self._durable
+        assert gen is not None and durable._writer is not None and durable._pool is not None
+        writer, pool = durable._writer, durable._pool
+        seq, name, attempt, history, start = begin[1], begin[2], begin[4], begin[7], begin[8]
+        went_on, call = False, None
+        while True:
+            if (self._abort is not None or self._journal or stopped()
+                    or not durable._threads_checkpoint() or inspect.isawaitable(value)):
+                return _Ahead(None, begun=(seq, attempt, start, True, value),
+                              call=call) if went_on else value
+            try:
+                text = _dumps(value)
+            except (TypeError, ValueError):
+                return _Ahead(None, begun=(seq, attempt, start, True, value),
+                              call=call) if went_on else value
+            now = time.time()
+            done = (self._id, seq, name, "done", attempt, text, None, history, start, now, now)
+            try:
+                call = gen.send(_loads(text))
+            except StopIteration as stop:
+                return _Ahead(done, stop=stop)
+            except BaseException as exc:
+                return _Ahead(done, error=exc)
+            if not (isinstance(call, _StepCall) and call._ctx is self
+                    and not inspect.iscoroutinefunction(call.fn)) or stopped():
+                return _Ahead(done, call=call)
+            seq, name, attempt, history, start = self._seq + 1, call.name, 1, None, time.time()
+            self._seq = seq
+            op = durable._fenced(self._id, self._owner, [done, (
+                self._id, seq, name, "running", 1, None, None, None, start, start, None)],
+                None, False)
+            ok, result = writer.commit_here(op, pool.busy <= 1)
+            if not ok:
+                return _Ahead(None, write_error=result)
+            went_on = True
+            try:
+                value = context.run(call.fn, *call.args, **call.kwargs)
+            except BaseException as exc:
+                return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
 
     def _check_writable(self) -> None:
         if isinstance(self._abort, _Interrupted):
@@ -1309,28 +1398,51 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 async def _drive(gen: Generator[Any, Any, Any], ctx: Context) -> Any:
     """Run a generator workflow: each yielded step runs, and its result (or its
-    StepFailed) is sent back in."""
+    StepFailed) is sent back in. A step thread may have run the generator further
+    (an _Ahead): the loop goes on from where it stopped."""
+    ctx._gen = gen
     value: Any = None
     failure: StepFailed | None = None
+    ahead: _Ahead | None = None
     try:
         while True:
-            try:
-                call = gen.send(value) if failure is None else gen.throw(failure)
-            except StopIteration as stop:
-                return stop.value
+            begun = None
+            if ahead is not None:
+                if ahead.write_error is not None:
+                    ctx._write_failed(ahead.write_error)
+                if ahead.done is not None:
+                    ctx._defer(ahead.done)
+                if ahead.stop is not None:
+                    return ahead.stop.value
+                if ahead.error is not None:
+                    raise ahead.error
+                call, begun, ahead = ahead.call, ahead.begun, None
+            else:
+                try:
+                    call = gen.send(value) if failure is None else gen.throw(failure)
+                except StopIteration as stop:
+                    return stop.value
             value, failure = None, None
             if not isinstance(call, _Call):
                 raise TypeError(f"the workflow yielded {call!r}; yield ctx.run(step, ...) "
                                 "or ctx.sleep(seconds)")
             try:
-                value = await ctx._execute(call)
+                result = await ctx._execute(call, begun)
             except StepFailed as exc:
                 failure = exc
+            else:
+                if isinstance(result, _Ahead):
+                    ahead = result
+                else:
+                    value = result
     finally:
+        ctx._gen = None
         try:
             gen.close()
         except RuntimeError as exc:  # it yielded again in a `finally`: keep the first error
             _log.warning("workflow %r ignored its shutdown: %s", ctx.id, exc)
+        except ValueError:  # a step thread still runs it (the workflow was cancelled)
+            pass
 
 
 # HANDLE: a workflow seen from outside.
@@ -1799,7 +1911,9 @@ class Durable:
             self._start(workflow_id, self._registry[name], text, journal or {})
 
     async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any], begin: _Op | None = None) -> Any:
+                      kwargs: dict[str, Any], begin: _Op | None = None,
+                      ahead: Callable[[contextvars.Context, Any, Callable[[], bool]], Any]
+                      | None = None) -> Any:
         """Run a step. A sync step runs in a step thread; `begin`, its checkpoint,
         is then committed by that thread just before (one trip instead of two), and a
         failed commit raises _BeginFailed with fn not run."""
@@ -1834,7 +1948,12 @@ class Durable:
                 ok, value = writer.commit_here(begin, pool.busy <= 1)
                 return None if ok else value
 
-        self._pool.submit(fn, args, kwargs, done, checkpoint)
+        after: Callable[[contextvars.Context, Any], Any] | None = None
+        if ahead is not None:
+            def after(context: contextvars.Context, value: Any) -> Any:
+                return ahead(context, value, lambda: future.cancelled() or self._closing)
+
+        self._pool.submit(fn, args, kwargs, done, checkpoint, after)
         value = await future
         if inspect.isawaitable(value):
             value = await value

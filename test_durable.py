@@ -411,6 +411,49 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
     assert peak == 2
 
 
+def test_consecutive_sync_steps_go_on_in_their_thread_without_the_event_loop(db: Path) -> None:
+    # A generator workflow's next sync step begins in the thread that ran the last one:
+    # steps go on while the event loop is busy, and the journal is the same.
+    dur = Durable(db, retry=FAST)
+    first_ran, ran_at = threading.Event(), {}
+    tries = {"flaky": 0}
+
+    def step(name: str) -> str:
+        if name == "a":
+            first_ran.set()
+            time.sleep(0.05)
+        if name == "flaky" and tries["flaky"] < 1:
+            tries["flaky"] += 1
+            raise ConnectionError("try again")
+        ran_at[name] = time.monotonic()
+        return name.upper()
+
+    @dur.register
+    def wf(ctx):
+        a = yield ctx.run(step, "a")
+        b = yield ctx.run(step, "b")
+        c = yield ctx.run(step, "c")
+        d = yield ctx.run(step, "flaky")  # fails once in the thread: retried by the loop
+        return a + b + c + d
+
+    async def main() -> tuple[Any, float]:
+        async with dur:
+            handle = await dur.run("w", wf)
+            await asyncio.to_thread(first_ran.wait, 5)
+            time.sleep(0.5)  # the event loop is blocked: steps b and c still run
+            unblocked = time.monotonic()
+            return await handle.result(timeout=10), unblocked
+
+    result, unblocked = arun(main())
+    assert result == "ABCFLAKY"
+    assert ran_at["c"] < unblocked
+    assert rows(db, "SELECT seq, name, state, attempts, result FROM steps ORDER BY seq") == [
+        (1, "step", "done", 1, '"A"'), (2, "step", "done", 1, '"B"'),
+        (3, "step", "done", 1, '"C"'), (4, "step", "done", 2, '"FLAKY"')]
+    failures = json.loads(rows(db, "SELECT failures FROM steps WHERE seq = 4")[0][0])
+    assert [f["error"]["type"] for f in failures] == ["ConnectionError"]
+
+
 def test_async_steps_are_awaited_on_the_event_loop(db: Path) -> None:
     dur = Durable(db)
 
