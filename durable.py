@@ -1108,7 +1108,8 @@ class Context:
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall:
         """A step calling ``fn(*args, **kwargs)``: ``yield`` it in a generator workflow,
-        ``await`` it in an async one. Sync functions run in a worker thread."""
+        ``await`` it in an async one. Sync functions run in a worker thread, which may
+        also run a generator workflow's code up to its next sync step."""
         return _StepCall(self, fn, args, kwargs, None, None)
 
     def options(self, *, name: str | None = None,
