@@ -832,17 +832,29 @@ class _Ahead:
     """What a step thread did after its step, running a generator workflow on: the
     last finished step's row not yet written (`done`), and where the generator is now:
     it yielded `call` (which the thread may have `begun`: (seq, attempt, start, ok,
-    value or exception)), returned (`stop`), or raised (`error`); or a checkpoint
-    failed (`write_error`), which stops the workflow."""
+    value or exception)), returned (`stop`), or raised (`error`); or the thread
+    committed the workflow's end (`finished`); or a checkpoint failed (`write_error`),
+    which stops the workflow."""
 
-    __slots__ = ("begun", "call", "done", "error", "stop", "write_error")
+    __slots__ = ("begun", "call", "done", "error", "finished", "stop", "write_error")
 
     def __init__(self, done: _Row | None, *, call: _Call | None = None,
                  begun: tuple[int, int, float, bool, Any] | None = None,
                  stop: StopIteration | None = None, error: BaseException | None = None,
+                 finished: _Outcome | None = None,
                  write_error: BaseException | None = None) -> None:
         self.done, self.call, self.begun = done, call, begun
-        self.stop, self.error, self.write_error = stop, error, write_error
+        self.stop, self.error, self.finished, self.write_error = stop, error, finished, \
+            write_error
+
+
+class _Committed:
+    """_drive's answer when a step thread committed the workflow's end itself."""
+
+    __slots__ = ("outcome",)
+
+    def __init__(self, outcome: _Outcome) -> None:
+        self.outcome = outcome
 
 
 def _settle(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
@@ -1330,7 +1342,7 @@ class Context:
             try:
                 call = gen.send(_loads(text))
             except StopIteration as stop:
-                return _Ahead(done, stop=stop)
+                return self._finish_here(done, stop, stopped)
             except BaseException as exc:
                 return _Ahead(done, error=exc)
             if not (isinstance(call, _StepCall) and call._ctx is self
@@ -1349,6 +1361,23 @@ class Context:
                 value = context.run(call.fn, *call.args, **call.kwargs)
             except BaseException as exc:
                 return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
+
+    def _finish_here(self, done: _Row, stop: StopIteration, stopped: Callable[[], bool]
+                     ) -> _Ahead:
+        """In the step thread, the generator returned: commit the last step's result and
+        the workflow's, unless something needs the event loop's care."""
+        durable = self._durable
+        try:
+            outcome: _Outcome = ("done", _dumps(stop.value), None)
+        except (TypeError, ValueError):  # the loop fails the workflow with a clear error
+            return _Ahead(done, stop=stop)
+        if self._abort is not None or stopped() or durable._writer is None \
+                or durable._pool is None:
+            return _Ahead(done, stop=stop)
+        ok, result = durable._writer.commit_here(
+            durable._fenced(self._id, self._owner, [done], outcome, False),
+            durable._pool.busy <= 1)
+        return _Ahead(None, finished=outcome) if ok else _Ahead(None, write_error=result)
 
     def _check_writable(self) -> None:
         if isinstance(self._abort, _Interrupted):
@@ -1411,6 +1440,8 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context) -> Any:
             if ahead is not None:
                 if ahead.write_error is not None:
                     ctx._write_failed(ahead.write_error)
+                if ahead.finished is not None:
+                    return _Committed(ahead.finished)
                 if ahead.done is not None:
                     ctx._defer(ahead.done)
                 if ahead.stop is not None:
@@ -1865,6 +1896,9 @@ class Durable:
                     value = await workflow.fn(ctx, *data["args"], **data["kwargs"])
                 else:
                     value = await _drive(workflow.fn(ctx, *data["args"], **data["kwargs"]), ctx)
+                    if isinstance(value, _Committed):  # a step thread wrote the end
+                        self._stalls.pop(workflow_id, None)
+                        return value.outcome
                 if ctx._abort is not None:
                     raise ctx._abort
                 if ctx._journal:
