@@ -1304,7 +1304,8 @@ class Context:
         ahead = None if self._gen is None else functools.partial(self._run_ahead, begin)
         try:
             return await durable._invoke(self._id, call.fn, call.args, call.kwargs,
-                                         self._checkpoint([begin]), ahead)
+                                         self._checkpoint([begin]), ahead,
+                                         lambda: self._abort is not None)
         except _BeginFailed as failed:
             self._write_failed(failed.args[0])
 
@@ -1340,13 +1341,15 @@ class Context:
             now = time.time()
             done = (self._id, seq, name, "done", attempt, text, None, history, start, now, now)
             try:
-                call = gen.send(_loads(text))
+                # In the workflow's context (a copy of its task's), not this thread's.
+                call = context.run(gen.send, _loads(text))
             except StopIteration as stop:
                 return self._finish_here(done, stop, stopped)
             except BaseException as exc:
                 return _Ahead(done, error=exc)
             if not (isinstance(call, _StepCall) and call._ctx is self
-                    and not inspect.iscoroutinefunction(call.fn)) or stopped():
+                    and not inspect.iscoroutinefunction(call.fn)) or stopped() \
+                    or self._abort is not None:
                 return _Ahead(done, call=call)
             seq, name, attempt, history, start = self._seq + 1, call.name, 1, None, time.time()
             self._seq = seq
@@ -1948,7 +1951,7 @@ class Durable:
     async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any], begin: _Op | None = None,
                       ahead: Callable[[contextvars.Context, Any, Callable[[], bool]], Any]
-                      | None = None) -> Any:
+                      | None = None, halted: Callable[[], bool] = lambda: False) -> Any:
         """Run a step. A sync step runs in a step thread; `begin`, its checkpoint,
         is then committed by that thread just before (one trip instead of two), and a
         failed commit raises _BeginFailed with fn not run."""
@@ -1978,7 +1981,7 @@ class Durable:
             def checkpoint() -> BaseException | None:
                 # In the step thread. A workflow cancelled or closing meanwhile
                 # neither checkpoints nor runs the step.
-                if future.cancelled() or self._closing:
+                if future.cancelled() or self._closing or halted():
                     return _Interrupted("the workflow stopped before the step began")
                 ok, value = writer.commit_here(begin, pool.busy <= 1)
                 return None if ok else value
@@ -1986,7 +1989,8 @@ class Durable:
         after: Callable[[contextvars.Context, Any], Any] | None = None
         if ahead is not None:
             def after(context: contextvars.Context, value: Any) -> Any:
-                return ahead(context, value, lambda: future.cancelled() or self._closing)
+                return ahead(context, value,
+                             lambda: future.cancelled() or self._closing or halted())
 
         self._pool.submit(fn, args, kwargs, done, checkpoint, after)
         value = await future

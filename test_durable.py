@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -452,6 +453,73 @@ def test_consecutive_sync_steps_go_on_in_their_thread_without_the_event_loop(db:
         (3, "step", "done", 1, '"C"'), (4, "step", "done", 2, '"FLAKY"')]
     failures = json.loads(rows(db, "SELECT failures FROM steps WHERE seq = 4")[0][0])
     assert [f["error"]["type"] for f in failures] == ["ConnectionError"]
+
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
+                                                                       default=None)
+
+
+def test_workflow_code_between_sync_steps_sees_its_own_context_variables(db: Path) -> None:
+    # The code between two sync steps may run in a step thread: it must still see the
+    # context of the run() that started it, and nothing another workflow set there.
+    dur = Durable(db)
+    seen: list[tuple[str, str | None]] = []
+
+    def step(n: int) -> int:
+        return n
+
+    @dur.register
+    def wf(ctx, tag):
+        yield ctx.run(step, 1)
+        seen.append((tag, REQUEST_ID.get()))
+        REQUEST_ID.set(f"set-by-{tag}")
+        yield ctx.run(step, 2)
+        seen.append((tag, REQUEST_ID.get()))
+
+    async def main() -> None:
+        async with dur:
+            for tag in ("A", "B"):
+                REQUEST_ID.set(f"req-{tag}")
+                await (await dur.run(tag, wf, tag)).result()
+
+    arun(main())
+    assert seen == [("A", "req-A"), ("A", "set-by-A"), ("B", "req-B"), ("B", "set-by-B")]
+
+
+def test_no_step_of_a_cancelled_workflow_starts_even_if_its_id_is_reused(db: Path) -> None:
+    # Cancelled while its code runs between two steps (in a step thread), then pruned
+    # and its id used again: the old workflow's next step never runs or writes.
+    dur = Durable(db)
+    between, ran = threading.Event(), []
+
+    def step(tag: str, n: int) -> int:
+        ran.append((tag, n))
+        return n
+
+    @dur.register
+    def wf(ctx, tag):
+        if tag == "new":
+            return (yield ctx.options(name="only").run(step, tag, 1))
+        yield ctx.run(step, tag, 1)
+        between.set()
+        time.sleep(0.3)  # workflow code between steps
+        yield ctx.options(name="charge").run(step, tag, 2)
+        return tag
+
+    async def main() -> Any:
+        async with dur:
+            await dur.run("x", wf, "old")
+            await asyncio.to_thread(between.wait, 5)
+            assert await dur.cancel("x")
+            await asyncio.sleep(0.01)
+            assert await dur.prune(0) == 1
+            result = await (await dur.run("x", wf, "new")).result(timeout=5)
+            await asyncio.sleep(0.5)  # the old workflow's code has long returned
+            return result
+
+    assert arun(main()) == 1
+    assert ("old", 2) not in ran
+    assert rows(db, "SELECT seq, name, state FROM steps ORDER BY seq") == [(1, "only", "done")]
 
 
 def test_async_steps_are_awaited_on_the_event_loop(db: Path) -> None:
