@@ -848,6 +848,9 @@ class _Ahead:
             write_error
 
 
+_NOT_STARTED = object()  # _drive's answer for a workflow run() did not start here
+
+
 class _Committed:
     """_drive's answer when a step thread committed the workflow's end itself."""
 
@@ -1324,8 +1327,9 @@ class Context:
         not needed between one step and the next. Returns `value` untouched if it did
         not go on, else an _Ahead for `_drive` to continue from."""
         gen, durable = self._gen, self._durable
-        assert gen is not None and durable._writer is not None and durable._pool is not None
         writer, pool = durable._writer, durable._pool
+        if gen is None or writer is None or pool is None:  # ended or closed meanwhile
+            return value
         seq, name, attempt, history, start = begin[1], begin[2], begin[4], begin[7], begin[8]
         went_on, call = False, None
         while True:
@@ -1364,6 +1368,41 @@ class Context:
                 value = context.run(call.fn, *call.args, **call.kwargs)
             except BaseException as exc:
                 return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
+
+    def _start_here(self, context: contextvars.Context, inserted: tuple[bool, Any],
+                    stopped: Callable[[], bool]) -> _Ahead | None:
+        """In a step thread, once run()'s insert is committed (`inserted`): start the
+        new generator workflow there, beginning and running its first sync step and
+        going on as `_run_ahead` does. None when the workflow is not to start here
+        (not new, refused, or stopped meanwhile); else an _Ahead for `_drive`."""
+        ok, value = inserted
+        gen, durable = self._gen, self._durable
+        if not ok or not value[0] or stopped() or self._abort is not None or gen is None:
+            return None
+        try:
+            call = context.run(gen.send, None)
+        except StopIteration as stop:
+            return _Ahead(None, stop=stop)
+        except BaseException as exc:
+            return _Ahead(None, error=exc)
+        writer, pool = durable._writer, durable._pool
+        if not (isinstance(call, _StepCall) and call._ctx is self
+                and not inspect.iscoroutinefunction(call.fn)) or stopped() \
+                or self._abort is not None or writer is None or pool is None:
+            return _Ahead(None, call=call)
+        seq, start = self._seq + 1, time.time()
+        self._seq = seq
+        begin = (self._id, seq, call.name, "running", 1, None, None, None, start, start, None)
+        ok, result = writer.commit_here(self._checkpoint([begin]), pool.busy <= 1)
+        if not ok:
+            return _Ahead(None, write_error=result)
+        try:
+            value = context.run(call.fn, *call.args, **call.kwargs)
+        except BaseException as exc:
+            return _Ahead(None, call=call, begun=(seq, 1, start, False, exc))
+        went_on = self._run_ahead(begin, context, value, stopped)
+        return went_on if isinstance(went_on, _Ahead) else _Ahead(
+            None, call=call, begun=(seq, 1, start, True, value))
 
     def _finish_here(self, done: _Row, stop: StopIteration, stopped: Callable[[], bool]
                      ) -> _Ahead:
@@ -1429,15 +1468,22 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()  # a failure here is seen again by the workflow's next write
 
 
-async def _drive(gen: Generator[Any, Any, Any], ctx: Context) -> Any:
+async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
+                 started: asyncio.Future[_Ahead | None] | None = None) -> Any:
     """Run a generator workflow: each yielded step runs, and its result (or its
     StepFailed) is sent back in. A step thread may have run the generator further
-    (an _Ahead): the loop goes on from where it stopped."""
+    (an _Ahead): the loop goes on from where it stopped. `started`: a step thread
+    was given the workflow from its start (Durable._run_at_once); None from it
+    means the workflow is not to run here, and _drive returns _NOT_STARTED."""
     ctx._gen = gen
     value: Any = None
     failure: StepFailed | None = None
     ahead: _Ahead | None = None
     try:
+        if started is not None:
+            ahead = await started
+            if ahead is None:
+                return _NOT_STARTED
         while True:
             begun = None
             if ahead is not None:
@@ -1838,6 +1884,9 @@ class Durable:
             ) from None
         digest = hashlib.sha256(canonical.encode()).hexdigest()
         insert = _Insert(id, workflow.name, text, digest, self._owner)
+        if not workflow.is_async and not self._running and not self._queued \
+                and self._pool is not None and not self._pool.busy:
+            return await self._run_at_once(id, workflow, text, insert)
 
         def start(future: asyncio.Future[tuple[bool, str, str | None]]) -> None:
             # A callback, not code after the await: the workflow starts even if the
@@ -1853,6 +1902,62 @@ class Durable:
                 or _owner_is_dead(known_owner, self._host)):
             await self._resume([(id, known_owner, True)])  # recorded, but nobody runs it
         return Handle(self, id, created)
+
+    async def _run_at_once(self, workflow_id: str, workflow: _Workflow, text: str,
+                           insert: _Insert) -> Handle:
+        """run() of a generator workflow when nothing else runs here: a step thread
+        commits the insert, answers run(), and starts the workflow there at once
+        (Context._start_here), sparing the trips from the writer thread to the event
+        loop and from the loop to a step thread."""
+        writer, pool = self._open_writer(), self._pool
+        assert pool is not None
+        loop = asyncio.get_running_loop()
+        inserted: asyncio.Future[tuple[bool, str, str | None]] = loop.create_future()
+        started: asyncio.Future[_Ahead | None] = loop.create_future()
+        ctx = Context(self, workflow_id, workflow.retry or self._default_retry, {})
+        data = _loads(text)
+        ctx._gen = gen = workflow.fn(ctx, *data["args"], **data["kwargs"])
+        # Registered before the thread begins: a run() meanwhile finds it running here,
+        # cancel() and close() can stop it, and max_running counts it.
+        self._contexts[workflow_id] = ctx
+        task = loop.create_task(
+            self._run_workflow(workflow_id, workflow, text, {}, (ctx, gen, started)),
+            name=f"durable:{workflow_id}")
+        self._running[workflow_id] = task
+        self._stepping[workflow_id] = self._stepping.get(workflow_id, 0) + 1
+
+        def commit() -> tuple[bool, Any]:
+            outcome = writer.commit_here(insert, True)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, [inserted], [outcome])
+            return outcome
+
+        def go_on(context: contextvars.Context, outcome: tuple[bool, Any]) -> _Ahead | None:
+            return ctx._start_here(context, outcome, lambda: started.cancelled()
+                                   or self._closing or ctx._abort is not None)
+
+        def done(ok: bool, value: Any) -> None:
+            self._step_thread_done(workflow_id)
+            if started.done():
+                return
+            if ok:
+                started.set_result(value)
+            else:
+                started.set_exception(value)
+
+        pool.submit(commit, (), {}, done, None, go_on)
+        try:
+            created, state, known_owner = await asyncio.shield(inserted)
+        except BaseException:
+            await asyncio.wait([task])  # it ends at once: the workflow was not started
+            raise
+        if not created:
+            await asyncio.wait([task])  # it ends at once; then see who runs the workflow
+            if state in _UNFINISHED and not self._here(workflow_id) and (
+                    known_owner is None or known_owner == self._owner
+                    or _owner_is_dead(known_owner, self._host)):
+                await self._resume([(workflow_id, known_owner, True)])
+        return Handle(self, workflow_id, created)
 
     async def get(self, id: str) -> Handle:
         """The handle of an existing workflow; raises NotFound for an unknown id."""
@@ -1886,19 +1991,31 @@ class Durable:
         self._running[workflow_id] = task
 
     async def _run_workflow(self, workflow_id: str, workflow: _Workflow, text: str,
-                            journal: dict[int, _JournaledStep]
+                            journal: dict[int, _JournaledStep],
+                            started: tuple[Context, Generator[Any, Any, Any],
+                                           asyncio.Future[_Ahead | None]] | None = None
                             ) -> _Outcome | None:
         """Run the workflow to its end; return the outcome committed (state, result,
-        error), or None if it stopped unfinished."""
-        ctx = self._contexts[workflow_id] = Context(self, workflow_id,
-                                                    workflow.retry or self._default_retry, journal)
-        data = _loads(text)
+        error), or None if it stopped unfinished (or `started` did not start it)."""
+        if started is None:
+            ctx = Context(self, workflow_id, workflow.retry or self._default_retry, journal)
+        else:
+            ctx = started[0]
+        self._contexts[workflow_id] = ctx
         try:
             try:
                 if workflow.is_async:
+                    data = _loads(text)
                     value = await workflow.fn(ctx, *data["args"], **data["kwargs"])
                 else:
-                    value = await _drive(workflow.fn(ctx, *data["args"], **data["kwargs"]), ctx)
+                    if started is None:
+                        data = _loads(text)
+                        value = await _drive(
+                            workflow.fn(ctx, *data["args"], **data["kwargs"]), ctx)
+                    else:
+                        value = await _drive(started[1], ctx, started[2])
+                        if value is _NOT_STARTED:
+                            return None
                     if isinstance(value, _Committed):  # a step thread wrote the end
                         self._stalls.pop(workflow_id, None)
                         return value.outcome

@@ -455,6 +455,52 @@ def test_consecutive_sync_steps_go_on_in_their_thread_without_the_event_loop(db:
     assert [f["error"]["type"] for f in failures] == ["ConnectionError"]
 
 
+def test_a_workflow_run_alone_starts_in_a_step_thread(db: Path) -> None:
+    # With nothing else running, run() hands a generator workflow to a step thread that
+    # commits the insert, answers run() and starts the workflow there: its code up to
+    # the first step runs in that thread, not the event loop's. With another workflow
+    # running, a new one starts from the event loop. Duplicates start nothing.
+    dur = Durable(db)
+    began_in: dict[str, str] = {}
+    release = threading.Event()
+
+    def step(name: str) -> str:
+        if name == "hold-a":
+            release.wait(5)
+        return name.upper()
+
+    @dur.register
+    def wf(ctx, tag):
+        began_in[tag] = threading.current_thread().name
+        a = yield ctx.run(step, f"{tag}-a")
+        b = yield ctx.run(step, f"{tag}-b")
+        return a + b
+
+    async def main() -> None:
+        async with dur:
+            handle = await dur.run("alone", wf, "alone")
+            assert handle.created and await handle.result() == "ALONE-AALONE-B"
+            again = await dur.run("alone", wf, "alone")
+            assert not again.created and await again.result() == "ALONE-AALONE-B"
+            with pytest.raises(IdempotencyConflict):
+                await dur.run("alone", wf, "other")
+            held = await dur.run("hold", wf, "hold")  # alone too; holds its step thread
+            second = await dur.run("second", wf, "second")  # not alone: from the loop
+            assert await second.result() == "SECOND-ASECOND-B"
+            release.set()
+            assert await held.result() == "HOLD-AHOLD-B"
+
+    arun(main())
+    assert began_in["alone"].startswith("durable-step-")
+    assert began_in["hold"].startswith("durable-step-")
+    assert began_in["second"] == threading.main_thread().name
+    assert rows(db, "SELECT id, state FROM workflows ORDER BY id") == [
+        ("alone", "done"), ("hold", "done"), ("second", "done")]
+    assert rows(db, "SELECT seq, state, attempts, result FROM steps WHERE workflow_id = "
+                    "'alone' ORDER BY seq") == [(1, "done", 1, '"ALONE-A"'),
+                                                (2, "done", 1, '"ALONE-B"')]
+
+
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
                                                                        default=None)
 

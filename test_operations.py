@@ -207,9 +207,10 @@ def test_retry_runs_a_failed_workflow_again_from_its_failed_step(db: Path) -> No
 
 def test_prune_deletes_old_finished_workflows_only_and_frees_their_ids(db: Path) -> None:
     dur = Durable(db)
-    gate = asyncio.Event()
+    gate, waiting = asyncio.Event(), asyncio.Event()
 
     async def wait() -> None:
+        waiting.set()
         await gate.wait()
 
     @dur.register
@@ -223,6 +224,7 @@ def test_prune_deletes_old_finished_workflows_only_and_frees_their_ids(db: Path)
             for n in ("a", "b"):
                 await (await dur.run(n, wf, n)).result()
             await dur.run("open", wf, "open")
+            await waiting.wait()  # its steps are journaled: they must stay
             assert await dur.prune(timedelta(hours=1)) == 0  # none is that old
             assert await dur.prune(0) == 2
             assert rows(db, "SELECT id FROM workflows") == [("open",)]
