@@ -366,11 +366,15 @@ def _name_of(fn: Callable[..., Any]) -> str:
 # CODEC: JSON only, never pickle, so whoever can write the file cannot run code.
 
 
+# Compact, strict JSON (no NaN). Canonical form also sorts keys, so that equal values
+# hash equally; stored values keep the caller's key order. Made once, not per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_ENCODE_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     allow_nan=False).encode
+
+
 def _dumps(value: Any, *, canonical: bool = False) -> str:
-    # Compact, strict JSON (no NaN). Canonical form also sorts keys, so that equal
-    # values hash equally; stored values keep the caller's key order.
-    text = json.dumps(value, sort_keys=canonical, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    text = _ENCODE_CANONICAL(value) if canonical else _ENCODE(value)
     text.encode()  # a lone surrogate cannot be stored: refuse it here, not in the writer
     return text
 
@@ -965,6 +969,18 @@ class _Workflow:
     is_async: bool
     retry: RetryPolicy | None
     signature: inspect.Signature
+    # How many positional arguments (after ctx) the function takes when it takes
+    # exactly those (no defaults, *args, **kwargs or keyword-only): run() with that
+    # many and no keywords fits without binding.
+    arity: int | None
+
+
+def _arity(signature: inspect.Signature) -> int | None:
+    params = list(signature.parameters.values())
+    simple = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not params or any(p.kind not in simple or p.default is not p.empty for p in params):
+        return None
+    return len(params) - 1
 
 
 # OPERATIONS: one implementation each, used by Durable and by the command line.
@@ -1691,7 +1707,9 @@ class Durable:
                 )
             if self._names.get(f, wf_name) != wf_name:
                 raise InvalidInput(f"{f!r} is already registered as {self._names[f]!r}")
-            self._registry[wf_name] = _Workflow(wf_name, f, is_async, retry, inspect.signature(f))
+            signature = inspect.signature(f)
+            self._registry[wf_name] = _Workflow(wf_name, f, is_async, retry, signature,
+                                                _arity(signature))
             self._names[f] = wf_name
             return f
 
@@ -1871,10 +1889,12 @@ class Durable:
             raise DurableError(f"{self!r} is closing; no new workflow can start")
         workflow = self._workflow(fn)
         _check_id(id)
-        try:
-            workflow.signature.bind(None, *args, **kwargs)
-        except TypeError as exc:
-            raise InvalidInput(f"arguments do not fit workflow {workflow.name!r}: {exc}") from None
+        if kwargs or len(args) != workflow.arity:
+            try:
+                workflow.signature.bind(None, *args, **kwargs)
+            except TypeError as exc:
+                raise InvalidInput(
+                    f"arguments do not fit workflow {workflow.name!r}: {exc}") from None
         try:
             text = _dumps({"args": list(args), "kwargs": kwargs})
             canonical = _dumps([workflow.name, list(args), kwargs], canonical=True)
@@ -1946,10 +1966,12 @@ class Durable:
                 started.set_exception(value)
 
         pool.submit(commit, (), {}, done, None, go_on)
+        # Not shielded: the thread goes on with its own copy of the outcome, whether
+        # or not the caller of run() is still there to take it.
         try:
-            created, state, known_owner = await asyncio.shield(inserted)
-        except BaseException:
-            await asyncio.wait([task])  # it ends at once: the workflow was not started
+            created, state, known_owner = await inserted
+        except DurableError:  # refused: the task ends at once, having started nothing
+            await asyncio.wait([task])
             raise
         if not created:
             await asyncio.wait([task])  # it ends at once; then see who runs the workflow
