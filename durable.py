@@ -1112,8 +1112,9 @@ def _wake(future: asyncio.Future[None]) -> None:
 class Context:
     """Handed to a workflow as its first argument; `run` makes its steps."""
 
-    __slots__ = ("_abort", "_durable", "_flush_due", "_gen", "_halt", "_id", "_inflight",
-                 "_journal", "_napping", "_owner", "_pending", "_retry", "_seq", "_touched")
+    __slots__ = ("_abort", "_durable", "_flush_due", "_gen", "_id", "_inflight",
+                 "_journal", "_napping", "_outcome", "_owner", "_pending", "_retry", "_seq",
+                 "_touched", "_waiters")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -1130,7 +1131,8 @@ class Context:
         self._inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self._flush_due = False
         self._napping: asyncio.Future[None] | None = None
-        self._halt: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
+        self._outcome: _Outcome | None = None  # committed when the workflow ended here
 
     @property
     def id(self) -> str:
@@ -1163,17 +1165,17 @@ class Context:
     def _stop(self, reason: _Interrupted) -> None:
         """Stop the workflow at its next step, checkpoint or wake-up (cancel, close)."""
         self._abort = reason
-        for future in (self._napping, self._halt):
+        for future in (self._napping, *self._waiters):
             if future is not None:
                 _wake(future)
 
-    def _halted(self) -> asyncio.Future[None]:
-        """Resolved when the workflow is stopped from outside (a running step may go on)."""
-        if self._halt is None:
-            self._halt = asyncio.get_running_loop().create_future()
-            if self._abort is not None:
-                _wake(self._halt)
-        return self._halt
+    def _ended(self, outcome: _Outcome | None) -> _Outcome | None:
+        """The workflow's task ends with `outcome` committed (None: unfinished): hand
+        it to the result() calls waiting, which need neither the task nor the journal."""
+        self._outcome = outcome
+        for future in self._waiters:
+            _wake(future)
+        return outcome
 
     @property
     def _stopped(self) -> bool:
@@ -1571,8 +1573,11 @@ class Handle:
 
         Raises WorkflowFailed or WorkflowCancelled, or TimeoutError after `timeout`
         seconds (the workflow goes on)."""
-        async with asyncio.timeout(timeout):
+        if timeout is None:
             state, result, error = await self._durable._wait(self.id)
+        else:
+            async with asyncio.timeout(timeout):
+                state, result, error = await self._durable._wait(self.id)
         if state == "done":
             return _loads(result)
         if state == "cancelled":
@@ -1944,6 +1949,8 @@ class Durable:
             self._run_workflow(workflow_id, workflow, text, {}, (ctx, gen, started)),
             name=f"durable:{workflow_id}")
         self._running[workflow_id] = task
+        # Waiters on ctx are woken by the task's end even if it never got to run.
+        task.add_done_callback(lambda _: ctx._ended(ctx._outcome))
         self._stepping[workflow_id] = self._stepping.get(workflow_id, 0) + 1
 
         def commit() -> tuple[bool, Any]:
@@ -2040,7 +2047,7 @@ class Durable:
                             return None
                     if isinstance(value, _Committed):  # a step thread wrote the end
                         self._stalls.pop(workflow_id, None)
-                        return value.outcome
+                        return ctx._ended(value.outcome)
                 if ctx._abort is not None:
                     raise ctx._abort
                 if ctx._journal:
@@ -2065,7 +2072,7 @@ class Durable:
                 raise ctx._abort
             await ctx._write([], outcome)
             self._stalls.pop(workflow_id, None)
-            return outcome  # committed: local waiters take it from here, no read needed
+            return ctx._ended(outcome)  # committed: waiters here need no journal read
         except _Interrupted as stop:
             if isinstance(stop, _Fenced):
                 _log.log(stop.level, "%s", stop)
@@ -2077,6 +2084,7 @@ class Durable:
             if self._running.get(workflow_id) is asyncio.current_task():
                 del self._running[workflow_id]
                 del self._contexts[workflow_id]
+            ctx._ended(ctx._outcome)  # stopped unfinished: waiters look at the journal
             self._start_queued()
 
     def _start_queued(self) -> None:
@@ -2153,12 +2161,15 @@ class Durable:
             task, ctx = self._running.get(workflow_id), self._contexts.get(workflow_id)
             running_here = task is not None and ctx is not None and not ctx._stopped
             if running_here:
-                assert task is not None and ctx is not None
-                either: list[asyncio.Future[Any]] = [task, ctx._halted()]
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                if task.done() and not task.cancelled() and task.exception() is None \
-                        and (outcome := task.result()) is not None:
-                    return outcome
+                assert ctx is not None
+                waiter = asyncio.get_running_loop().create_future()
+                ctx._waiters.append(waiter)  # woken when it ends here or is stopped
+                try:
+                    await waiter
+                finally:
+                    ctx._waiters.remove(waiter)
+                if ctx._outcome is not None:
+                    return ctx._outcome
             rows = await self._read(_SELECT_OUTCOME, (workflow_id,))
             if not rows:
                 raise NotFound(f"no workflow has id {workflow_id!r}")
