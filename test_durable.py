@@ -1490,21 +1490,32 @@ def test_close_keeps_holding_a_workflow_whose_step_thread_outlives_the_grace(db:
     arun(main())
 
 
-def test_run_cancelled_after_its_insert_was_queued_still_starts_the_workflow(db: Path) -> None:
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "beside-another"])
+def test_run_cancelled_after_its_insert_was_queued_still_starts_the_workflow(
+        db: Path, alone: bool) -> None:
+    # Alone, run() hands the insert to a step thread; beside a running workflow, to
+    # the writer thread. Either way a cancelled caller does not stop the workflow.
     dur = Durable(db)
     ran: list[int] = []
+    gate = threading.Event()
     dur.register(name="w")(lambda_free_workflow(lambda: ran.append(1)))
+    dur.register(name="hold")(lambda_free_workflow(lambda: gate.wait(10)))
 
     async def main() -> Any:
         async with dur:
+            held = None if alone else await dur.run("held", "hold")
             call = asyncio.create_task(dur.run("c", "w"))
             await asyncio.sleep(0)  # run() has queued its insert
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
-            while count(db, "workflows") == 0:  # the insert commits on its own
+            while count(db, "workflows") == (1 if alone else 2) - 1:  # it commits anyway
                 await asyncio.sleep(0.01)
-            return await (await dur.get("c")).result(timeout=5)
+            result = await (await dur.get("c")).result(timeout=5)
+            gate.set()
+            if held is not None:
+                await held.result(timeout=5)
+            return result
 
     arun(main())
     assert ran == [1]
