@@ -570,10 +570,13 @@ class _Writer:
         self._thread = threading.Thread(target=self._main, name="durable-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, op: _Op) -> asyncio.Future[Any]:
-        """Queue `op` for the writer thread (call from the event loop)."""
+    def submit(self, op: _Op, then: Callable[[bool, Any], None] | None = None
+               ) -> asyncio.Future[Any]:
+        """Queue `op` for the writer thread (call from the event loop). `then(ok,
+        value)` runs on the loop with the outcome just before the future gets it, even
+        if the future was cancelled meanwhile."""
         future = self._loop.create_future()
-        self._enqueue(op, future)
+        self._enqueue(op, future if then is None else _Then(future, then))
         return future
 
     def commit_here(self, op: _Op, alone: bool) -> tuple[bool, Any]:
@@ -742,7 +745,17 @@ class _Waiter:
         return self.outcome
 
 
-_Target = asyncio.Future[Any] | _Waiter
+class _Then:
+    """A loop future and a callback that gets its outcome first, cancelled or not."""
+
+    __slots__ = ("callback", "future")
+
+    def __init__(self, future: asyncio.Future[Any],
+                 callback: Callable[[bool, Any], None]) -> None:
+        self.future, self.callback = future, callback
+
+
+_Target = asyncio.Future[Any] | _Waiter | _Then
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, targets: list[_Target],
@@ -864,8 +877,13 @@ class _Committed:
         self.outcome = outcome
 
 
-def _settle(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
-    for future, (ok, value) in zip(futures, outcomes, strict=True):
+def _settle(futures: list[asyncio.Future[Any] | _Then],
+            outcomes: list[tuple[bool, Any]]) -> None:
+    for target, (ok, value) in zip(futures, outcomes, strict=True):
+        if isinstance(target, _Then):
+            target.callback(ok, value)
+            target = target.future
+        future = target
         if future.done():
             continue
         if ok:
@@ -1913,15 +1931,13 @@ class Durable:
                 and self._pool is not None and not self._pool.busy:
             return await self._run_at_once(id, workflow, text, insert)
 
-        def start(future: asyncio.Future[tuple[bool, str, str | None]]) -> None:
-            # A callback, not code after the await: the workflow starts even if the
-            # caller of run() is cancelled once the insert is queued.
-            if not future.cancelled() and future.exception() is None and future.result()[0]:
+        def start(ok: bool, value: Any) -> None:
+            # Not code after the await: the workflow starts even if the caller of
+            # run() is cancelled once the insert is queued.
+            if ok and value[0]:
                 self._start(id, workflow, text, {})
 
-        future = writer.submit(insert)
-        future.add_done_callback(start)
-        created, state, known_owner = await asyncio.shield(future)
+        created, state, known_owner = await writer.submit(insert, start)
         if not created and state in _UNFINISHED and not self._here(id) and (
                 known_owner is None or known_owner == self._owner
                 or _owner_is_dead(known_owner, self._host)):
@@ -1956,7 +1972,8 @@ class Durable:
         def commit() -> tuple[bool, Any]:
             outcome = writer.commit_here(insert, True)
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(_settle, [inserted], [outcome])
+                targets: list[asyncio.Future[Any] | _Then] = [inserted]
+                loop.call_soon_threadsafe(_settle, targets, [outcome])
             return outcome
 
         def go_on(context: contextvars.Context, outcome: tuple[bool, Any]) -> _Ahead | None:
