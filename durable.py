@@ -808,10 +808,15 @@ class _StepThreads:
                                  daemon=True).start()
 
     def shutdown(self) -> None:
-        """Drop steps not yet started; workers end after their current step."""
+        """Drop steps not yet started (each `done` gets an error); workers end after
+        their current step. Call from the event loop."""
         with contextlib.suppress(queue.Empty):
             while True:
-                self._queue.get_nowait()
+                item = self._queue.get_nowait()
+                if item is not None:
+                    with self._lock:
+                        self._busy -= 1
+                    item[4](False, DurableError("the journal is closed"))
         self._queue.put(None)
 
     def _work(self) -> None:
@@ -826,7 +831,10 @@ class _StepThreads:
                 ok, value = False, _BeginFailed(failed)
             else:
                 try:
-                    ok, value = True, context.run(fn, *args, **kwargs)
+                    # A step's own context changes stay its own, as on the loop;
+                    # `context` is the workflow's, for `after` to go on in.
+                    ok, value = True, (context if after is None else context.copy()).run(
+                        fn, *args, **kwargs)
                 except BaseException as exc:  # handed to the workflow as it is
                     ok, value = False, exc
                 if ok and after is not None:
@@ -853,7 +861,8 @@ class _Ahead:
     committed the workflow's end (`finished`); or a checkpoint failed (`write_error`),
     which stops the workflow."""
 
-    __slots__ = ("begun", "call", "done", "error", "finished", "stop", "write_error")
+    __slots__ = ("begun", "call", "context", "done", "error", "finished", "stop",
+                 "write_error")
 
     def __init__(self, done: _Row | None, *, call: _Call | None = None,
                  begun: tuple[int, int, float, bool, Any] | None = None,
@@ -861,6 +870,7 @@ class _Ahead:
                  finished: _Outcome | None = None,
                  write_error: BaseException | None = None) -> None:
         self.done, self.call, self.begun = done, call, begun
+        self.context: contextvars.Context | None = None  # where the workflow's code ran
         self.stop, self.error, self.finished, self.write_error = stop, error, finished, \
             write_error
 
@@ -881,7 +891,10 @@ def _settle(futures: list[asyncio.Future[Any] | _Then],
             outcomes: list[tuple[bool, Any]]) -> None:
     for target, (ok, value) in zip(futures, outcomes, strict=True):
         if isinstance(target, _Then):
-            target.callback(ok, value)
+            try:
+                target.callback(ok, value)
+            except Exception:  # a bug: the other callers in the batch still get theirs
+                _log.exception("a callback on a committed write failed")
             target = target.future
         future = target
         if future.done():
@@ -1131,8 +1144,8 @@ class Context:
     """Handed to a workflow as its first argument; `run` makes its steps."""
 
     __slots__ = ("_abort", "_durable", "_flush_due", "_gen", "_id", "_inflight",
-                 "_journal", "_napping", "_outcome", "_owner", "_pending", "_retry", "_seq",
-                 "_touched", "_waiters")
+                 "_journal", "_napping", "_new", "_outcome", "_owner", "_pending", "_retry",
+                 "_seq", "_touched", "_waiters")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -1151,6 +1164,7 @@ class Context:
         self._napping: asyncio.Future[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
         self._outcome: _Outcome | None = None  # committed when the workflow ended here
+        self._new = True  # False while run()'s insert has not said the workflow is new
 
     @property
     def id(self) -> str:
@@ -1401,7 +1415,7 @@ class Context:
                 return _Ahead(None, write_error=result)
             went_on = True
             try:
-                value = context.run(call.fn, *call.args, **call.kwargs)
+                value = context.copy().run(call.fn, *call.args, **call.kwargs)
             except BaseException as exc:
                 return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
 
@@ -1433,7 +1447,7 @@ class Context:
         if not ok:
             return _Ahead(None, write_error=result)
         try:
-            value = context.run(call.fn, *call.args, **call.kwargs)
+            value = context.copy().run(call.fn, *call.args, **call.kwargs)
         except BaseException as exc:
             return _Ahead(None, call=call, begun=(seq, 1, start, False, exc))
         went_on = self._run_ahead(begin, context, value, stopped)
@@ -1504,6 +1518,17 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()  # a failure here is seen again by the workflow's next write
 
 
+_UNSET = object()
+
+
+def _adopt(context: contextvars.Context) -> None:
+    """Take into the current context what workflow code set in `context` (a copy of it
+    made for a step thread), so the workflow sees its own variables on the loop too."""
+    for var, value in context.items():
+        if var.get(_UNSET) is not value:
+            var.set(value)
+
+
 async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
                  started: asyncio.Future[_Ahead | None] | None = None) -> Any:
     """Run a generator workflow: each yielded step runs, and its result (or its
@@ -1523,6 +1548,8 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
         while True:
             begun = None
             if ahead is not None:
+                if ahead.context is not None:
+                    _adopt(ahead.context)
                 if ahead.write_error is not None:
                     ctx._write_failed(ahead.write_error)
                 if ahead.finished is not None:
@@ -1581,7 +1608,7 @@ class Handle:
     async def done(self) -> bool:
         """Whether the workflow has finished (done, failed or cancelled). Never waits."""
         ctx = self._durable._contexts.get(self.id)
-        if ctx is not None and not ctx._stopped:
+        if ctx is not None and not ctx._stopped and ctx._new:
             return False
         row = await self._durable._read(_SELECT_OUTCOME, (self.id,))
         return bool(row) and row[0][0] in _FINISHED
@@ -1931,11 +1958,13 @@ class Durable:
                 and self._pool is not None and not self._pool.busy:
             return await self._run_at_once(id, workflow, text, insert)
 
+        caller = contextvars.copy_context()  # the workflow runs in a copy of it
+
         def start(ok: bool, value: Any) -> None:
             # Not code after the await: the workflow starts even if the caller of
             # run() is cancelled once the insert is queued.
             if ok and value[0]:
-                self._start(id, workflow, text, {})
+                caller.run(self._start, id, workflow, text, {})
 
         created, state, known_owner = await writer.submit(insert, start)
         if not created and state in _UNFINISHED and not self._here(id) and (
@@ -1956,6 +1985,7 @@ class Durable:
         inserted: asyncio.Future[tuple[bool, str, str | None]] = loop.create_future()
         started: asyncio.Future[_Ahead | None] = loop.create_future()
         ctx = Context(self, workflow_id, workflow.retry or self._default_retry, {})
+        ctx._new = False  # until the insert says so: it may be a duplicate
         data = _loads(text)
         ctx._gen = gen = workflow.fn(ctx, *data["args"], **data["kwargs"])
         # Registered before the thread begins: a run() meanwhile finds it running here,
@@ -1971,17 +2001,23 @@ class Durable:
 
         def commit() -> tuple[bool, Any]:
             outcome = writer.commit_here(insert, True)
+            ctx._new = outcome[0] and outcome[1][0]
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 targets: list[asyncio.Future[Any] | _Then] = [inserted]
                 loop.call_soon_threadsafe(_settle, targets, [outcome])
             return outcome
 
         def go_on(context: contextvars.Context, outcome: tuple[bool, Any]) -> _Ahead | None:
-            return ctx._start_here(context, outcome, lambda: started.cancelled()
+            went = ctx._start_here(context, outcome, lambda: started.cancelled()
                                    or self._closing or ctx._abort is not None)
+            if went is not None:
+                went.context = context
+            return went
 
         def done(ok: bool, value: Any) -> None:
             self._step_thread_done(workflow_id)
+            if not ok and not inserted.done():  # dropped at close: nothing was written
+                inserted.set_exception(value)
             if started.done():
                 return
             if ok:
@@ -2153,8 +2189,11 @@ class Durable:
         after: Callable[[contextvars.Context, Any], Any] | None = None
         if ahead is not None:
             def after(context: contextvars.Context, value: Any) -> Any:
-                return ahead(context, value,
+                went = ahead(context, value,
                              lambda: future.cancelled() or self._closing or halted())
+                if isinstance(went, _Ahead):
+                    went.context = context
+                return went
 
         self._pool.submit(fn, args, kwargs, done, checkpoint, after)
         value = await future

@@ -532,6 +532,88 @@ def test_workflow_code_between_sync_steps_sees_its_own_context_variables(db: Pat
     assert seen == [("A", "req-A"), ("A", "set-by-A"), ("B", "req-B"), ("B", "set-by-B")]
 
 
+STEP_NOTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("step_note",
+                                                                      default=None)
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "beside-another"])
+def test_a_workflow_keeps_its_context_variables_wherever_its_code_runs(
+        db: Path, alone: bool) -> None:
+    # A workflow's code runs on the event loop or in a step thread (alone, from its
+    # start; between sync steps). Wherever it runs it sees the run() caller's context
+    # variables and what it set itself earlier, also after an async step or a sleep
+    # brought it back to the loop; what a step sets stays in that step.
+    dur = Durable(db)
+    seen: list[tuple[str, str, str | None, str | None]] = []
+    gate = threading.Event()
+
+    def step(n: int) -> int:
+        STEP_NOTE.set("set-by-a-step")
+        return n
+
+    async def async_step(n: int) -> int:
+        return n
+
+    @dur.register
+    def wf(ctx, tag):
+        seen.append((tag, "start", REQUEST_ID.get(), STEP_NOTE.get()))
+        REQUEST_ID.set(f"set-by-{tag}")
+        yield ctx.run(step, 1)
+        yield ctx.run(step, 2)
+        yield ctx.run(async_step, 3)  # back on the event loop
+        seen.append((tag, "after async step", REQUEST_ID.get(), STEP_NOTE.get()))
+        yield ctx.sleep(0)
+        seen.append((tag, "after sleep", REQUEST_ID.get(), STEP_NOTE.get()))
+
+    @dur.register
+    async def async_wf(ctx, tag):
+        seen.append((tag, "start", REQUEST_ID.get(), STEP_NOTE.get()))
+
+    @dur.register
+    def hold(ctx):
+        yield ctx.run(gate.wait, 10)
+
+    async def main() -> None:
+        async with dur:
+            held = None if alone else await dur.run("held", hold)
+            for tag, fn in (("A", wf), ("B", wf), ("C", async_wf)):
+                REQUEST_ID.set(f"req-{tag}")
+                await (await dur.run(tag, fn, tag)).result(timeout=10)
+            gate.set()
+            if held is not None:
+                await held.result(timeout=10)
+
+    arun(main())
+    assert seen == [
+        ("A", "start", "req-A", None), ("A", "after async step", "set-by-A", None),
+        ("A", "after sleep", "set-by-A", None),
+        ("B", "start", "req-B", None), ("B", "after async step", "set-by-B", None),
+        ("B", "after sleep", "set-by-B", None),
+        ("C", "start", "req-C", None)]
+
+
+def test_done_is_true_for_a_finished_workflow_while_a_duplicate_run_is_answered(
+        db: Path) -> None:
+    # A duplicate run() of a finished workflow goes the alone path too; until its insert
+    # answers, done() must still read the journal rather than trust the new context.
+    dur = Durable(db)
+    dur.register(name="w")(lambda_free_workflow(lambda: 1))
+
+    async def main() -> list[bool]:
+        async with dur:
+            handle = await dur.run("w1", "w")
+            await handle.result()
+            answers = []
+            for _ in range(20):
+                again = asyncio.create_task(dur.run("w1", "w"))
+                await asyncio.sleep(0)  # the duplicate is on its way
+                answers.append(await handle.done())
+                assert not (await again).created
+            return answers
+
+    assert arun(main()) == [True] * 20
+
+
 def test_no_step_of_a_cancelled_workflow_starts_even_if_its_id_is_reused(db: Path) -> None:
     # Cancelled while its code runs between two steps (in a step thread), then pruned
     # and its id used again: the old workflow's next step never runs or writes.
