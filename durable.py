@@ -1479,7 +1479,8 @@ class Context:
             raise self._abort  # type: ignore[misc]
 
     def _write_failed(self, exc: BaseException) -> NoReturn:
-        self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
+        if not isinstance(self._abort, _Interrupted):  # a stop (cancel, close) says why
+            self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
         raise self._abort from None
 
     async def _write(self, rows: list[_Row], outcome: _Outcome | None = None) -> None:
