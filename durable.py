@@ -814,9 +814,10 @@ class _StepThreads:
             while True:
                 item = self._queue.get_nowait()
                 if item is not None:
+                    _, _, _, _, done, _, _ = item
                     with self._lock:
                         self._busy -= 1
-                    item[4](False, DurableError("the journal is closed"))
+                    done(False, DurableError("the journal is closed"))
         self._queue.put(None)
 
     def _work(self) -> None:
@@ -842,6 +843,8 @@ class _StepThreads:
                         value = after(context, value)
                     except BaseException as exc:  # a bug: fail the workflow, not the thread
                         value = _Ahead(None, error=exc)
+                    if isinstance(value, _Ahead):  # workflow code ran here: its context
+                        value.context = context
             with self._lock:
                 self._busy -= 1
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -1401,9 +1404,7 @@ class Context:
                 return self._finish_here(done, stop, stopped)
             except BaseException as exc:
                 return _Ahead(done, error=exc)
-            if not (isinstance(call, _StepCall) and call._ctx is self
-                    and not inspect.iscoroutinefunction(call.fn)) or stopped() \
-                    or self._abort is not None:
+            if not self._begins_here(call) or stopped():
                 return _Ahead(done, call=call)
             seq, name, attempt, history, start = self._seq + 1, call.name, 1, None, time.time()
             self._seq = seq
@@ -1418,6 +1419,12 @@ class Context:
                 value = context.copy().run(call.fn, *call.args, **call.kwargs)
             except BaseException as exc:
                 return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
+
+    def _begins_here(self, call: object) -> bool:
+        """Whether a step thread may begin `call` itself: a sync step of this workflow,
+        which is not stopped."""
+        return (isinstance(call, _StepCall) and call._ctx is self
+                and not inspect.iscoroutinefunction(call.fn) and self._abort is None)
 
     def _start_here(self, context: contextvars.Context, inserted: tuple[bool, Any],
                     stopped: Callable[[], bool]) -> _Ahead | None:
@@ -1436,9 +1443,7 @@ class Context:
         except BaseException as exc:
             return _Ahead(None, error=exc)
         writer, pool = durable._writer, durable._pool
-        if not (isinstance(call, _StepCall) and call._ctx is self
-                and not inspect.iscoroutinefunction(call.fn)) or stopped() \
-                or self._abort is not None or writer is None or pool is None:
+        if not self._begins_here(call) or stopped() or writer is None or pool is None:
             return _Ahead(None, call=call)
         seq, start = self._seq + 1, time.time()
         self._seq = seq
@@ -2009,22 +2014,15 @@ class Durable:
             return outcome
 
         def go_on(context: contextvars.Context, outcome: tuple[bool, Any]) -> _Ahead | None:
-            went = ctx._start_here(context, outcome, lambda: started.cancelled()
+            return ctx._start_here(context, outcome, lambda: started.cancelled()
                                    or self._closing or ctx._abort is not None)
-            if went is not None:
-                went.context = context
-            return went
 
         def done(ok: bool, value: Any) -> None:
             self._step_thread_done(workflow_id)
-            if not ok and not inserted.done():  # dropped at close: nothing was written
-                inserted.set_exception(value)
-            if started.done():
-                return
-            if ok:
-                started.set_result(value)
-            else:
-                started.set_exception(value)
+            targets: list[asyncio.Future[Any] | _Then] = [started]
+            if not ok:  # dropped at close, before the insert: run() gets the error too
+                targets.append(inserted)
+            _settle(targets, [(ok, value)] * len(targets))
 
         pool.submit(commit, (), {}, done, None, go_on)
         # Not shielded: the thread goes on with its own copy of the outcome, whether
@@ -2190,11 +2188,8 @@ class Durable:
         after: Callable[[contextvars.Context, Any], Any] | None = None
         if ahead is not None:
             def after(context: contextvars.Context, value: Any) -> Any:
-                went = ahead(context, value,
+                return ahead(context, value,
                              lambda: future.cancelled() or self._closing or halted())
-                if isinstance(went, _Ahead):
-                    went.context = context
-                return went
 
         self._pool.submit(fn, args, kwargs, done, checkpoint, after)
         value = await future
