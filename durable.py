@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -1101,7 +1102,7 @@ class _Call:
 
 
 class _StepCall(_Call):
-    __slots__ = ("args", "fn", "kwargs", "name", "retry")
+    __slots__ = ("args", "fn", "is_async", "kwargs", "name", "retry")
 
     def __init__(self, ctx: Context, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], name: str | None, retry: RetryPolicy | None) -> None:
@@ -1109,6 +1110,7 @@ class _StepCall(_Call):
             raise InvalidInput(f"ctx.run() needs a function, not {fn!r}")
         super().__init__(ctx)
         self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)  # asked once, not at every turn
         self.args = args
         self.kwargs = kwargs
         self.name = name or _name_of(fn)
@@ -1352,15 +1354,14 @@ class Context:
         one trip from the event loop instead of two. With more workflows running than
         there are threads, the checkpoint goes to the writer thread from the loop."""
         durable = self._durable
-        if self._inflight or inspect.iscoroutinefunction(call.fn) \
+        if self._inflight or call.is_async \
                 or not durable._threads_checkpoint():
             await self._write([begin])
-            return await durable._invoke(self._id, call.fn, call.args, call.kwargs)
+            return await durable._invoke(self._id, call)
         self._check_writable()
         ahead = None if self._gen is None else functools.partial(self._run_ahead, begin)
         try:
-            return await durable._invoke(self._id, call.fn, call.args, call.kwargs,
-                                         self._checkpoint([begin]), ahead,
+            return await durable._invoke(self._id, call, self._checkpoint([begin]), ahead,
                                          lambda: self._abort is not None)
         except _BeginFailed as failed:
             self._write_failed(failed.args[0])
@@ -1424,7 +1425,7 @@ class Context:
         """Whether a step thread may begin `call` itself: a sync step of this workflow,
         which is not stopped."""
         return (isinstance(call, _StepCall) and call._ctx is self
-                and not inspect.iscoroutinefunction(call.fn) and self._abort is None)
+                and not call.is_async and self._abort is None)
 
     def _start_here(self, context: contextvars.Context, inserted: tuple[bool, Any],
                     stopped: Callable[[], bool]) -> _Ahead | None:
@@ -1910,7 +1911,7 @@ class Durable:
                 outcome: _Outcome | None, touch: bool) -> _Op:
         """An operation writing step `rows` and the workflow's `outcome` (if any) only if
         `owner` holds the workflow unfinished; `touch` marks it running first."""
-        flat = tuple(value for row in rows for value in row)
+        flat = tuple(itertools.chain.from_iterable(rows))
 
         def op(conn: sqlite3.Connection) -> None:
             if outcome is not None or touch:
@@ -2147,16 +2148,15 @@ class Durable:
             name, text, journal = self._queued.pop(workflow_id)
             self._start(workflow_id, self._registry[name], text, journal or {})
 
-    async def _invoke(self, workflow_id: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any], begin: _Op | None = None,
+    async def _invoke(self, workflow_id: str, call: _StepCall, begin: _Op | None = None,
                       ahead: Callable[[contextvars.Context, Any, Callable[[], bool]], Any]
                       | None = None, halted: Callable[[], bool] = lambda: False) -> Any:
         """Run a step. A sync step runs in a step thread; `begin`, its checkpoint,
         is then committed by that thread just before (one trip instead of two), and a
         failed commit raises _BeginFailed with fn not run."""
-        if inspect.iscoroutinefunction(fn):
+        if call.is_async:
             assert begin is None
-            return await fn(*args, **kwargs)
+            return await call.fn(*call.args, **call.kwargs)
         assert self._pool is not None and self._writer is not None
         future = asyncio.get_running_loop().create_future()
         # Counted until the thread returns, even if the workflow is cancelled first:
@@ -2191,7 +2191,7 @@ class Durable:
                 return ahead(context, value,
                              lambda: future.cancelled() or self._closing or halted())
 
-        self._pool.submit(fn, args, kwargs, done, checkpoint, after)
+        self._pool.submit(call.fn, call.args, call.kwargs, done, checkpoint, after)
         value = await future
         if inspect.isawaitable(value):
             value = await value
