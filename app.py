@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS reservations (
     key TEXT PRIMARY KEY, order_id TEXT NOT NULL, items TEXT NOT NULL,
     released INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS charges (
+    key TEXT PRIMARY KEY, charge_id TEXT NOT NULL, order_id TEXT NOT NULL,
+    amount INTEGER NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS refunds (
     key TEXT PRIMARY KEY, charge_id TEXT NOT NULL, order_id TEXT NOT NULL,
     amount INTEGER NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -172,7 +175,8 @@ def validate(order: dict[str, Any]) -> int:
 def reserve(order: dict[str, Any], key: str) -> str:
     demo_switches("reserve", order["id"])
     with providers() as conn:
-        if not conn.execute("SELECT 1 FROM reservations WHERE key = ?", (key,)).fetchone():
+        again = conn.execute("SELECT 1 FROM reservations WHERE key = ?", (key,)).fetchone()
+        if not again:
             for item in order["items"]:
                 left = conn.execute("UPDATE stock SET available = available - ? "
                                     "WHERE sku = ? AND available >= ?",
@@ -183,7 +187,8 @@ def reserve(order: dict[str, Any], key: str) -> str:
                          "VALUES (?, ?, ?, ?)",
                          (key, order["id"], json.dumps(order["items"]), time.time()))
     units = sum(item["qty"] for item in order["items"])
-    log.info("[reserve] order %s - %d unit(s) reserved", order["id"], units)
+    log.info("[reserve] order %s - %d unit(s) %s", order["id"], units,
+             "already reserved" if again else "reserved")
     crash_point("reserve", order["id"])
     return key
 
@@ -222,16 +227,34 @@ def charge(order: dict[str, Any], amount: int, key: str) -> str:
     return charge_id
 
 
+def refund(order_id: str, key: str) -> bool:
+    """Refund the charge made under `key`, if there is one and it is not refunded yet."""
+    with providers() as conn:
+        row = conn.execute("SELECT charge_id, amount FROM charges WHERE key = ?",
+                           (key,)).fetchone()
+        if row is None:
+            what = f"nothing was charged under key {key}"
+        elif conn.execute("SELECT 1 FROM refunds WHERE key = ?", (key,)).fetchone():
+            what = f"already refunded {dollars(row[1])} ({row[0]})"
+        else:
+            conn.execute("INSERT INTO refunds (key, charge_id, order_id, amount, created_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (key, row[0], order_id, row[1], time.time()))
+            what = f"refunded {dollars(row[1])} ({row[0]})"
+    log.info("[refund] order %s - %s", order_id, what)
+    return row is not None
+
+
 def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> bool:
     demo_switches("confirm", order["id"])
     email = order["customer"]["email"]
     with providers() as conn:
-        conn.execute("INSERT OR IGNORE INTO outbox (key, order_id, recipient, subject, "
-                     "created_at) VALUES (?, ?, ?, ?, ?)",
-                     (key, order["id"], email,
-                      f"Order {order['id']}: {dollars(amount)} charged ({charge_id})",
-                      time.time()))
-    log.info("[confirm] order %s - confirmation sent to %s", order["id"], email)
+        sent = conn.execute("INSERT OR IGNORE INTO outbox (key, order_id, recipient, subject, "
+                            "created_at) VALUES (?, ?, ?, ?, ?)",
+                            (key, order["id"], email,
+                             f"Order {order['id']}: {dollars(amount)} charged ({charge_id})",
+                             time.time())).rowcount
+    log.info("[confirm] order %s - confirmation %s to %s", order["id"],
+             "sent" if sent else "already sent", email)
     crash_point("confirm", order["id"])
     return True
 
@@ -247,8 +270,12 @@ def process_order(ctx, order):
     reservation = yield ctx.run(reserve, order, f"{ctx.id}/reserve")
     try:
         charge_id = yield ctx.run(charge, order, total, f"{ctx.id}/charge")
-    except StepFailed:
+    except StepFailed as failed:
         yield ctx.run(release, order["id"], reservation)  # compensate, then fail the order
+        if failed.error_type != CardDeclined.__name__:
+            # Out of attempts for another reason (the process died in it every time, say):
+            # the card may have been charged before that. Refund whatever the key charged.
+            yield ctx.run(refund, order["id"], f"{ctx.id}/charge")
         raise
     yield ctx.run(confirm, order, total, charge_id, f"{ctx.id}/confirm")
     return {"orderId": order["id"], "inventoryReserved": True, "paymentCharged": True,
@@ -257,7 +284,8 @@ def process_order(ctx, order):
 
 # VALIDATION AT THE DOOR.
 
-_ORDER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Not "." or "..": clients would resolve them out of the status URL.
+_ORDER_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]{1,64}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
@@ -287,19 +315,23 @@ def validate_order(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
         order = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None, "body is not valid JSON"
+    except RecursionError:  # [[[[...]]]] past the interpreter's depth
+        return None, "body is nested too deeply"
     if not isinstance(order, dict):
         return None, "body must be a JSON object"
     try:
         json.dumps(order, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
         return None, "body holds text that is not valid Unicode"
+    except RecursionError:
+        return None, "body is nested too deeply"
     for field in ("id", "customer", "items"):
         if field not in order:
             return None, f"field '{field}' is missing"
     if extra := sorted(set(order) - {"id", "customer", "items"}):
         return None, f"field '{extra[0]}' is not allowed"
     if error := _text(order["id"], "id", _ORDER_ID):
-        return None, error + " (1-64 letters, digits, '_', '-', '.')"
+        return None, error + " (1-64 letters, digits, '_', '-', '.'; not '.' or '..')"
     customer = order["customer"]
     if not isinstance(customer, dict):
         return None, "field 'customer' must be an object"
@@ -350,7 +382,11 @@ async def read_body(request: Request) -> bytes | None:
 
 
 async def create_order(request: Request) -> JSONResponse:
-    body = await read_body(request)
+    try:
+        body = await read_body(request)
+    except ClientDisconnect:  # nobody is left to answer, and nothing was written
+        log.info("a client disconnected before its order's body arrived")
+        return error(400, "the client disconnected before the body arrived")
     if body is None:
         return error(413, f"body is over {MAX_BODY // 1024} KiB")
     order, problem = validate_order(body)
@@ -388,10 +424,12 @@ async def order_status(request: Request) -> JSONResponse:
 
 def list_charges(request: Request) -> JSONResponse:  # sync: Starlette runs it in a thread
     with providers(write=False) as conn:
-        rows = conn.execute("SELECT order_id, charge_id, amount, key FROM charges "
-                            "ORDER BY created_at, rowid").fetchall()
+        rows = conn.execute("SELECT c.order_id, c.charge_id, c.amount, c.key, r.key IS NOT NULL "
+                            "FROM charges c LEFT JOIN refunds r ON r.key = c.key "
+                            "ORDER BY c.created_at, c.rowid").fetchall()
     return JSONResponse({"charges": [
-        {"orderId": o, "chargeId": c, "amount": a, "idempotencyKey": k} for o, c, a, k in rows]})
+        {"orderId": o, "chargeId": c, "amount": a, "idempotencyKey": k, "refunded": bool(r)}
+        for o, c, a, k, r in rows]})
 
 
 def list_stock(request: Request) -> JSONResponse:

@@ -375,7 +375,10 @@ _ENCODE_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensu
 
 
 def _dumps(value: Any, *, canonical: bool = False) -> str:
-    text = _ENCODE_CANONICAL(value) if canonical else _ENCODE(value)
+    try:
+        text = _ENCODE_CANONICAL(value) if canonical else _ENCODE(value)
+    except RecursionError:  # refused like any other value JSON cannot hold
+        raise ValueError("it is nested too deeply") from None
     text.encode()  # a lone surrogate cannot be stored: refuse it here, not in the writer
     return text
 

@@ -54,7 +54,9 @@ class Service:
     def command(self) -> list[str]:
         return [sys.executable, str(HERE / "app.py")]
 
-    def start(self, **env: str) -> Service:
+    def start(self, *, may_die: bool = False, **env: str) -> Service:
+        """Start, and wait until it answers; with may_die, its dying first (CRASH_AT
+        on a resumed workflow) ends the wait too."""
         log = self.folder / f"server-{self.port}-{len(self.logs)}.log"
         self.logs.append(log)
         with open(log, "wb") as out:
@@ -66,6 +68,8 @@ class Service:
             )
         deadline = time.monotonic() + 20
         while True:
+            if may_die and self.proc.poll() is not None:
+                return self
             assert self.proc.poll() is None, self.log()
             try:
                 httpx.get(f"{self.url}/charges", timeout=1)
@@ -144,7 +148,8 @@ def test_new_order_is_accepted_with_202_and_finishes_done(service: Service) -> N
         "orderId": "ord_1001", "inventoryReserved": True, "paymentCharged": True,
         "confirmationSent": True, "total": 6997, "chargeId": charge_id}}
     assert service.charges() == [{"orderId": "ord_1001", "chargeId": charge_id,
-                                  "amount": 6997, "idempotencyKey": "ord_1001/charge"}]
+                                  "amount": 6997, "idempotencyKey": "ord_1001/charge",
+                                  "refunded": False}]
     assert "[validate] order ord_1001 - 2 item(s), total $69.97" in service.log()
 
 
@@ -217,6 +222,11 @@ MALFORMED: list[tuple[Any, str]] = [
     (order(id="ord 1001"), "'id'"),
     (order(id="x" * 65), "'id'"),
     (order(id="ord/1001"), "'id'"),
+    (order(id="."), "'id'"),  # clients resolve "/orders/./status" to "/orders/status"
+    (order(id=".."), "'id'"),
+    (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    (b'{"id": "ord_1", "customer": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}",
+     "nested too deeply"),
     (order(extra=1), "'extra'"),
     (b'{"id": "ord_1", "customer": {"id": "\\ud800", "email": "a@b.co"}, "items": []}',
      "not valid Unicode"),
@@ -253,6 +263,24 @@ def test_malformed_bodies_are_400_naming_the_problem_and_write_nothing(
     assert service.charges() == []
     with sqlite3.connect(service.folder / "orders.db") as conn:
         assert conn.execute("SELECT count(*) FROM workflows").fetchone() == (0,)
+
+
+def test_a_client_gone_before_its_body_arrived_leaves_no_order_and_no_traceback(
+        service: Service) -> None:
+    service.start()
+    head = (b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", service.port), timeout=5) as conn:
+        conn.sendall(head + b'{"id": ')
+    deadline = time.monotonic() + 5  # the server notices the hang-up on its own time
+    while "disconnected before" not in service.log() and time.monotonic() < deadline:
+        assert service.status("ord_1001").status_code == 404
+        time.sleep(0.05)
+    assert service.post(ORDER).status_code == 202  # still serving
+    log = service.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+    with sqlite3.connect(service.folder / "orders.db") as db:
+        assert db.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
 
 
 def test_declined_card_releases_the_reserved_stock_and_fails_the_order(
@@ -331,6 +359,27 @@ def test_without_payment_keys_the_same_crash_charges_twice(service: Service) -> 
     done = crash_at_charge_then_restart(service, PAYMENT_KEYS="off")
     assert done["status"] == "done"
     assert len(service.charges()) == 2
+
+
+def test_a_charge_out_of_attempts_after_charging_is_refunded_and_its_stock_released(
+        service: Service) -> None:
+    service.start(CRASH_AT="charge")
+    before = service.stock()
+    assert service.post(ORDER).status_code == 202
+    for _ in range(5):  # every attempt charges, then its process dies: 5 attempts
+        assert service.wait_for_exit() == 3
+        service.start(may_die=True, CRASH_AT="charge")
+    failed = service.finished("ord_1001")
+    assert failed["status"] == "failed"
+    assert (failed["error"]["type"], failed["error"]["step"]) == ("Interrupted", "charge")
+    charges = service.charges()
+    assert [(c["idempotencyKey"], c["refunded"]) for c in charges] == [("ord_1001/charge", True)]
+    assert service.stock() == before
+    log = service.log()
+    charged = [line for line in step_lines(log, "charge", "ord_1001") if "charged $" in line]
+    assert len(charged) == 5 and "already charged" in charged[-1]  # one charge, five tries
+    refunds = step_lines(log, "refund", "ord_1001")
+    assert len(refunds) == 1 and "refunded $69.97" in refunds[0], refunds
 
 
 def test_64_concurrent_identical_posts_make_one_workflow_and_one_charge(

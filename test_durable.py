@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -883,6 +884,8 @@ def test_many_runs_committed_together_answer_as_if_one_after_another(db: Path) -
     ("ok", ({1, 2},), {}, "JSON"),
     ("ok", (float("nan"),), {}, "JSON"),
     ("ok", (object(),), {}, "JSON"),
+    ("ok", (functools.reduce(lambda inner, _: [inner], range(5000), []),), {},
+     "nested too deeply"),
     ("ok", (), {}, "do not fit"),
     ("ok", (1, 2), {}, "do not fit"),
     ("ok", (1,), {"nope": 1}, "do not fit"),

@@ -59,6 +59,7 @@ WORKER = textwrap.dedent("""
                 handle = await dur.run("wf", flow, 0)
                 print(json.dumps({"result": await handle.result(timeout=60)}))
             else:  # standby: holds nothing, waits for "wf" to be finished by anyone
+                open(marks + ".ready", "w").close()  # open: it has looked once already
                 print(json.dumps({"result": await (await dur.get("wf")).result(timeout=60)}))
 
     asyncio.run(main())
@@ -92,6 +93,14 @@ class Workers:
     def wait_for_mark(self, wanted: tuple[str, str], proc: subprocess.Popen[str]) -> None:
         deadline = time.monotonic() + 30
         while wanted not in [(wf, step) for wf, step, _ in self.ran()]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    @staticmethod
+    def wait_for_file(path: Path, proc: subprocess.Popen[str]) -> None:
+        deadline = time.monotonic() + 30
+        while not path.exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -133,7 +142,8 @@ def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(tmp_path: Path)
         holder = workers.start("start", HANG_TWO="60")
         workers.wait_for_mark(("wf", "two"), holder)
         survivor = workers.start("standby")
-        time.sleep(1.0)
+        workers.wait_for_file(tmp_path / "marks.txt.ready", survivor)
+        time.sleep(0.5)  # a look or two more
         assert len(workers.ran()) == 2  # the survivor leaves a live owner's work alone
         holder.send_signal(signal.SIGKILL)
         holder.communicate()
