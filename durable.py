@@ -1943,6 +1943,8 @@ class Durable:
         the existing workflow's handle (``created`` is False) and starts nothing;
         with another function or other arguments it raises IdempotencyConflict.
         Arguments must be JSON; the workflow receives them as JSON gives them back.
+        When the journal cannot be written (JournalError), a run() of a workflow
+        already recorded is still answered, from a read.
         """
         writer = self._open_writer()
         if self._closing:
@@ -1976,7 +1978,10 @@ class Durable:
             if ok and value[0]:
                 caller.run(self._start, id, workflow, text, {})
 
-        created, state, known_owner = await writer.submit(insert, start)
+        try:
+            created, state, known_owner = await writer.submit(insert, start)
+        except JournalError as failure:
+            created, state, known_owner = await self._recorded(insert, failure)
         if not created and state in _UNFINISHED and not self._here(id) and (
                 known_owner is None or known_owner == self._owner
                 or _owner_is_dead(known_owner, self._host)):
@@ -2033,9 +2038,11 @@ class Durable:
         # or not the caller of run() is still there to take it.
         try:
             created, state, known_owner = await inserted
-        except DurableError:  # refused: the task ends at once, having started nothing
+        except DurableError as failure:  # refused: the task ends at once, starting nothing
             await asyncio.wait([task])
-            raise
+            if not isinstance(failure, JournalError):
+                raise
+            created, state, known_owner = await self._recorded(insert, failure)
         if not created:
             await asyncio.wait([task])  # it ends at once; then see who runs the workflow
             if state in _UNFINISHED and not self._here(workflow_id) and (
@@ -2043,6 +2050,19 @@ class Durable:
                     or _owner_is_dead(known_owner, self._host)):
                 await self._resume([(workflow_id, known_owner, True)])
         return Handle(self, workflow_id, created)
+
+    async def _recorded(self, insert: _Insert, failure: JournalError
+                        ) -> tuple[bool, str, str | None]:
+        """run()'s insert failed (another process held the write lock past busy_timeout,
+        say). A run() of a workflow already recorded needs no write: answer it from a
+        read, which WAL allows meanwhile. Anything else raises the failure."""
+        try:
+            rows = await self._read(_SELECT_IDENTITY, (insert.id,))
+        except JournalError:
+            raise failure from None
+        if not rows:
+            raise failure
+        return insert._known(*rows[0])
 
     async def get(self, id: str) -> Handle:
         """The handle of an existing workflow; raises NotFound for an unknown id."""

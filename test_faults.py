@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from durable import Durable, JournalError
+from durable import Durable, IdempotencyConflict, JournalError
 from test_app import ORDER, Service
 
 HERE = Path(__file__).resolve().parent
@@ -504,6 +504,53 @@ def test_locked_journal_refuses_new_work_clearly_then_accepts_it(tmp_path: Path)
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "beside-another"])
+def test_locked_journal_still_answers_run_of_a_recorded_workflow_from_a_read(
+        tmp_path: Path, beside: bool) -> None:
+    journal = tmp_path / "locked.db"
+    dur = Durable(journal, busy_timeout=0.2)
+    release = threading.Event()
+
+    @dur.register
+    def wf(ctx, n):
+        return (yield ctx.run(str, n))
+
+    @dur.register
+    def held(ctx):
+        yield ctx.run(release.wait, 30)
+
+    async def main() -> None:
+        async with dur:
+            assert await (await dur.run("done", wf, 1)).result() == "1"
+            if beside:  # run() then goes through the writer thread, not a step thread
+                await dur.run("held", held)
+                while not count(journal, "SELECT count(*) FROM steps WHERE workflow_id = 'held'"):
+                    await asyncio.sleep(0.01)
+            blocker = sqlite3.connect(journal, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            try:
+                again = await dur.run("done", wf, 1)  # a client's retry: answered
+                assert again.created is False and await again.result() == "1"
+                with pytest.raises(IdempotencyConflict):
+                    await dur.run("done", wf, 2)
+                with pytest.raises(JournalError, match="database is locked"):
+                    await dur.run("new", wf, 1)  # new work needs the write lock
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+                release.set()
+            assert await (await dur.run("new", wf, 1)).result() == "1"
+
+    asyncio.run(main())
+    assert count(journal, "SELECT count(*) FROM workflows") == (3 if beside else 2)
+
+
+async def posts(url: str, *bodies: dict[str, Any]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        return await asyncio.gather(*(client.post("/orders", content=json.dumps(body))
+                                      for body in bodies))
+
+
 def test_locked_journal_answers_503_at_the_door_and_loses_nothing(tmp_path: Path) -> None:
     service = Service(tmp_path).start()
     try:
@@ -512,11 +559,14 @@ def test_locked_journal_answers_503_at_the_door_and_loses_nothing(tmp_path: Path
         blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         try:
-            response = service.post({**ORDER, "id": "ord_1002"}, timeout=30)
+            # A new order, and a finished order's retry (answered from a read), at once.
+            response, replayed = asyncio.run(posts(service.url, {**ORDER, "id": "ord_1002"},
+                                                   ORDER))
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert response.status_code == 503
+        assert replayed.status_code == 202 and replayed.headers["idempotent-replayed"] == "true"
         assert response.headers["retry-after"] == "5"
         assert "unavailable" in response.json()["error"]
         assert service.status("ord_1002").status_code == 404  # nothing half-written
