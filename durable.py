@@ -356,6 +356,8 @@ def _check_id(workflow_id: object) -> None:
         raise InvalidInput(
             f"a workflow id must be at most {_MAX_ID_LENGTH} characters, not {len(workflow_id)}"
         )
+    if "\x00" in workflow_id:  # SQLite's JSON functions would cut it short there
+        raise InvalidInput(f"a workflow id must not contain NUL, as {workflow_id!r} does")
 
 
 def _name_of(fn: Callable[..., Any]) -> str:
@@ -1757,8 +1759,9 @@ class Durable:
                     "or as an async def (await ctx.run(...))"
                 )
             wf_name = name if name is not None else _name_of(f)
-            if not isinstance(wf_name, str) or not wf_name:
-                raise InvalidInput(f"a workflow name must be a non-empty string, not {wf_name!r}")
+            if not isinstance(wf_name, str) or not wf_name or "\x00" in wf_name:
+                raise InvalidInput(f"a workflow name must be a non-empty string without NUL, "
+                                   f"not {wf_name!r}")
             known = self._registry.get(wf_name)
             if known is not None and known.fn is not f:
                 raise InvalidInput(

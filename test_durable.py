@@ -110,6 +110,16 @@ def test_register_refuses_a_function_that_is_neither_generator_nor_async(db: Pat
         dur.register(lambda ctx: 1)
 
 
+@pytest.mark.parametrize("name", ["", "orders\x00v2", 42])
+def test_register_refuses_an_empty_or_non_string_name_or_one_with_nul(
+        db: Path, name: Any) -> None:
+    def wf(ctx):
+        yield ctx.run(str)
+
+    with pytest.raises(InvalidInput, match="non-empty string"):
+        Durable(db).register(name=name)(wf)
+
+
 def test_registered_name_is_recorded_and_usable_in_run(db: Path) -> None:
     dur = Durable(db)
 
@@ -881,6 +891,7 @@ def test_many_runs_committed_together_answer_as_if_one_after_another(db: Path) -
     ("x" * 256, (1,), {}, "at most 255"),
     (42, (1,), {}, "must be a string"),
     (None, (1,), {}, "must be a string"),
+    ("a\x00b", (1,), {}, "NUL"),
     ("ok", ({1, 2},), {}, "JSON"),
     ("ok", (float("nan"),), {}, "JSON"),
     ("ok", (object(),), {}, "JSON"),
