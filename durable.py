@@ -858,6 +858,16 @@ class _StepThreads:
         self._queue.put(None)  # let the next worker see the end too
 
 
+def _step_error(exc: BaseException) -> BaseException:
+    """What a sync step's exception is to its workflow: the exception itself, or a
+    RuntimeError for one that a future or the retry loop cannot carry: StopIteration,
+    or a BaseException such as CancelledError raised by the step's own code, which
+    would otherwise pass for a cancellation of the workflow."""
+    if isinstance(exc, Exception) and not isinstance(exc, StopIteration):
+        return exc
+    return RuntimeError(f"the step raised {exc!r}")
+
+
 class _BeginFailed(Exception):
     """A step's checkpoint failed in its step thread; the step did not run."""
 
@@ -1294,8 +1304,7 @@ class Context:
                     _, attempts, start, ok, value = begun
                     begun = None
                     if not ok:
-                        raise (RuntimeError(f"the step raised {value!r}")
-                               if isinstance(value, StopIteration) else value)
+                        raise _step_error(value)
                     if inspect.isawaitable(value):
                         value = await value
                 else:
@@ -2195,9 +2204,8 @@ class Durable:
                 return
             if ok:
                 future.set_result(value)
-            else:  # asyncio refuses StopIteration in a future
-                future.set_exception(RuntimeError(f"the step raised {value!r}")
-                                     if isinstance(value, StopIteration) else value)
+            else:
+                future.set_exception(_step_error(value))
 
         checkpoint: Callable[[], BaseException | None] | None = None
         if begin is not None:

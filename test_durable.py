@@ -1088,6 +1088,37 @@ def test_uncaught_step_failure_fails_the_workflow_with_type_and_message(db: Path
     assert [(s.state, s.attempts) for s in status.steps] == [("failed", 3)]
 
 
+class Abort(BaseException):
+    """Not an Exception: what a step's own code might raise, like CancelledError."""
+
+
+@pytest.mark.parametrize("raised", [Abort("stop"), asyncio.CancelledError()],
+                         ids=["BaseException", "CancelledError"])
+@pytest.mark.parametrize("form", ["generator", "async"])
+def test_step_raising_a_base_exception_fails_its_workflow_after_its_attempts(
+        db: Path, raised: BaseException, form: str) -> None:
+    dur = Durable(db, retry=FAST)
+    calls = 0
+
+    def step() -> None:
+        nonlocal calls
+        calls += 1
+        raise raised
+
+    def gen_wf(ctx):
+        yield ctx.run(step)
+
+    async def async_wf(ctx):
+        await ctx.run(step)
+
+    wf = dur.register(name="wf")(gen_wf if form == "generator" else async_wf)
+    failed = failure(dur, wf)
+    assert (failed.error_type, failed.message) == (
+        "RuntimeError", f"the step raised {raised!r}")
+    assert calls == 3  # retried like any failure, then recorded: nothing left running
+    assert rows(db, "SELECT state, attempts FROM steps") == [("failed", 3)]
+
+
 def test_step_returning_non_json_fails_without_retrying(db: Path) -> None:
     dur = Durable(db, retry=FAST)
     calls = 0
