@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -569,7 +570,10 @@ class _Writer:
     def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
         self._conn = conn
         self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[_Op, _Target] | None] = queue.SimpleQueue()
+        # Writes wait here in order, and leave only under _lock, in that order: so one
+        # workflow's writes commit in the order it queued them, whoever commits them.
+        self._queue: collections.deque[tuple[_Op, _Target] | None] = collections.deque()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()  # one per queued item
         self._lock = threading.Lock()  # held while a batch commits
         self._gate = threading.Lock()  # orders queueing against stopping
         self._stopped = False
@@ -590,7 +594,7 @@ class _Writer:
         return (ok, result or exception). In place only when the caller is `alone` (no
         other step running) and nothing else waits to be written; otherwise through the
         writer thread, so that concurrent checkpoints still share commits."""
-        if alone and self._queue.empty() and self._lock.acquire(blocking=False):
+        if alone and not self._queue and self._lock.acquire(blocking=False):
             try:
                 if self._stopped:
                     return False, DurableError("the journal is closed")
@@ -605,33 +609,37 @@ class _Writer:
         """Commit what is queued, then end the thread (blocks: call from a thread)."""
         with self._gate:
             self._stopped = True  # nothing is queued after the end mark
-            self._queue.put(None)
+            self._queue.append(None)
+            self._wake.put(None)
         self._thread.join()
 
     def _enqueue(self, op: _Op, target: _Target) -> None:
         with self._gate:
             if not self._stopped:
-                self._queue.put((op, target))
+                self._queue.append((op, target))
+                self._wake.put(None)
                 return
         _deliver(self._loop, [target], [(False, DurableError("the journal is closed"))])
 
     def _main(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while True:
+            self._wake.get()
+            with contextlib.suppress(queue.Empty):
+                while True:  # every item these stand for is queued already: take it now
+                    self._wake.get_nowait()
             with self._lock:
-                self._commit_batch([item])
+                while self._queue and self._queue[0] is not None:  # else: taken along
+                    self._commit_batch([])
+                if self._queue:  # the end mark, after everything queued before it
+                    return
 
     def _commit_batch(self, batch: list[tuple[_Op, _Target | None]]) -> list[tuple[bool, Any]]:
         """Commit `batch` and whatever else is queued; deliver the queued callers'
         outcomes and return the outcomes of `batch`. Call with the lock held."""
         mine = len(batch)
-        while len(batch) < _MAX_BATCH:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:  # the writer thread's stop: leave it for the writer thread
-                self._queue.put(None)
-                break
+        while len(batch) < _MAX_BATCH and self._queue and self._queue[0] is not None:
+            item = self._queue.popleft()  # the end mark stays for the writer thread
+            assert item is not None
             batch.append(item)
         outcomes = self._commit([op for op, _ in batch])
         waiting = [(target, outcome) for (_, target), outcome in zip(batch, outcomes, strict=True)
