@@ -808,12 +808,15 @@ class _StepThreads:
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                done: Callable[[bool, Any], None],
                begin: Callable[[], BaseException | None] | None = None,
-               after: Callable[[contextvars.Context, Any], Any] | None = None) -> None:
-        """Run fn(*args, **kwargs) in a worker; then done(ok, value) on the loop. If
-        `begin` is given it runs first in the same worker (the step's checkpoint); when
-        it returns an exception, fn does not run and done gets _BeginFailed. If `after`
-        is given and fn returned, done gets after(context, value) instead."""
-        self._queue.put((contextvars.copy_context(), fn, args, kwargs, done, begin, after))
+               after: Callable[[Any], Any] | None = None,
+               context: contextvars.Context | None = None) -> None:
+        """Run fn(*args, **kwargs) in a worker, in `context` (default: a copy of the
+        caller's); then done(ok, value) on the loop. If `begin` is given it runs first
+        in the same worker (the step's checkpoint); when it returns an exception, fn
+        does not run and done gets _BeginFailed. If `after` is given and fn returned,
+        done gets after(value) instead."""
+        self._queue.put((context or contextvars.copy_context(), fn, args, kwargs, done, begin,
+                         after))
         with self._lock:
             self._busy += 1
             if self._busy > self._threads and self._threads < self._size:
@@ -846,19 +849,14 @@ class _StepThreads:
                 ok, value = False, _BeginFailed(failed)
             else:
                 try:
-                    # A step's own context changes stay its own, as on the loop;
-                    # `context` is the workflow's, for `after` to go on in.
-                    ok, value = True, (context if after is None else context.copy()).run(
-                        fn, *args, **kwargs)
+                    ok, value = True, context.run(fn, *args, **kwargs)
                 except BaseException as exc:  # handed to the workflow as it is
                     ok, value = False, exc
                 if ok and after is not None:
                     try:
-                        value = after(context, value)
+                        value = after(value)
                     except BaseException as exc:  # a bug: fail the workflow, not the thread
                         value = _Ahead(None, error=exc)
-                    if isinstance(value, _Ahead):  # workflow code ran here: its context
-                        value.context = context
             with self._lock:
                 self._busy -= 1
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -888,8 +886,7 @@ class _Ahead:
     committed the workflow's end (`finished`); or a checkpoint failed (`write_error`),
     which stops the workflow."""
 
-    __slots__ = ("begun", "call", "context", "done", "error", "finished", "stop",
-                 "write_error")
+    __slots__ = ("begun", "call", "done", "error", "finished", "stop", "write_error")
 
     def __init__(self, done: _Row | None, *, call: _Call | None = None,
                  begun: tuple[int, int, float, bool, Any] | None = None,
@@ -897,7 +894,6 @@ class _Ahead:
                  finished: _Outcome | None = None,
                  write_error: BaseException | None = None) -> None:
         self.done, self.call, self.begun = done, call, begun
-        self.context: contextvars.Context | None = None  # where the workflow's code ran
         self.stop, self.error, self.finished, self.write_error = stop, error, finished, \
             write_error
 
@@ -1173,7 +1169,7 @@ class Context:
 
     __slots__ = ("_abort", "_durable", "_flush_due", "_gen", "_id", "_inflight",
                  "_journal", "_napping", "_new", "_outcome", "_owner", "_pending", "_retry",
-                 "_seq", "_touched", "_waiters")
+                 "_seq", "_touched", "_vars", "_waiters")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -1193,6 +1189,10 @@ class Context:
         self._waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
         self._outcome: _Outcome | None = None  # committed when the workflow ended here
         self._new = True  # False while run()'s insert has not said the workflow is new
+        # A generator workflow's code runs in this one context wherever it runs (on the
+        # loop, in a step thread), one place at a time: what it sets, and the tokens to
+        # reset it, stay valid throughout. A copy of the context it was started from.
+        self._vars = contextvars.copy_context()
 
     @property
     def id(self) -> str:
@@ -1395,8 +1395,7 @@ class Context:
         touch, self._touched = not self._touched, True
         return self._durable._fenced(self._id, self._owner, rows, outcome, touch)
 
-    def _run_ahead(self, begin: _Row, context: contextvars.Context, value: Any,
-                   stopped: Callable[[], bool]) -> Any:
+    def _run_ahead(self, begin: _Row, value: Any, stopped: Callable[[], bool]) -> Any:
         """In the step thread, after a generator workflow's sync step returned `value`:
         go on with the workflow there while its next calls are sync steps that begin
         afresh, committing each checkpoint from this thread, so that the event loop is
@@ -1421,8 +1420,7 @@ class Context:
             now = time.time()
             done = (self._id, seq, name, "done", attempt, text, None, history, start, now, now)
             try:
-                # In the workflow's context (a copy of its task's), not this thread's.
-                call = context.run(gen.send, _loads(text))
+                call = self._vars.run(gen.send, _loads(text))
             except StopIteration as stop:
                 return self._finish_here(done, stop, stopped)
             except BaseException as exc:
@@ -1439,7 +1437,7 @@ class Context:
                 return _Ahead(None, write_error=result)
             went_on = True
             try:
-                value = context.copy().run(call.fn, *call.args, **call.kwargs)
+                value = self._vars.copy().run(call.fn, *call.args, **call.kwargs)
             except BaseException as exc:
                 return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
 
@@ -1449,8 +1447,8 @@ class Context:
         return (isinstance(call, _StepCall) and call._ctx is self
                 and not call.is_async and self._abort is None)
 
-    def _start_here(self, context: contextvars.Context, inserted: tuple[bool, Any],
-                    stopped: Callable[[], bool]) -> _Ahead | None:
+    def _start_here(self, inserted: tuple[bool, Any], stopped: Callable[[], bool]
+                    ) -> _Ahead | None:
         """In a step thread, once run()'s insert is committed (`inserted`): start the
         new generator workflow there, beginning and running its first sync step and
         going on as `_run_ahead` does. None when the workflow is not to start here
@@ -1460,7 +1458,7 @@ class Context:
         if not ok or not value[0] or stopped() or self._abort is not None or gen is None:
             return None
         try:
-            call = context.run(gen.send, None)
+            call = self._vars.run(gen.send, None)
         except StopIteration as stop:
             return _Ahead(None, stop=stop)
         except BaseException as exc:
@@ -1475,10 +1473,10 @@ class Context:
         if not ok:
             return _Ahead(None, write_error=result)
         try:
-            value = context.copy().run(call.fn, *call.args, **call.kwargs)
+            value = self._vars.copy().run(call.fn, *call.args, **call.kwargs)
         except BaseException as exc:
             return _Ahead(None, call=call, begun=(seq, 1, start, False, exc))
-        went_on = self._run_ahead(begin, context, value, stopped)
+        went_on = self._run_ahead(begin, value, stopped)
         return went_on if isinstance(went_on, _Ahead) else _Ahead(
             None, call=call, begun=(seq, 1, start, True, value))
 
@@ -1547,17 +1545,6 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()  # a failure here is seen again by the workflow's next write
 
 
-_UNSET = object()
-
-
-def _adopt(context: contextvars.Context) -> None:
-    """Take into the current context what workflow code set in `context` (a copy of it
-    made for a step thread), so the workflow sees its own variables on the loop too."""
-    for var, value in context.items():
-        if var.get(_UNSET) is not value:
-            var.set(value)
-
-
 async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
                  started: asyncio.Future[_Ahead | None] | None = None) -> Any:
     """Run a generator workflow: each yielded step runs, and its result (or its
@@ -1577,8 +1564,6 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
         while True:
             begun = None
             if ahead is not None:
-                if ahead.context is not None:
-                    _adopt(ahead.context)
                 if ahead.write_error is not None:
                     ctx._write_failed(ahead.write_error)
                 if ahead.finished is not None:
@@ -1592,7 +1577,8 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
                 call, begun, ahead = ahead.call, ahead.begun, None
             else:
                 try:
-                    call = gen.send(value) if failure is None else gen.throw(failure)
+                    call = (ctx._vars.run(gen.send, value) if failure is None
+                            else ctx._vars.run(gen.throw, failure))
                 except StopIteration as stop:
                     return stop.value
             value, failure = None, None
@@ -1611,9 +1597,14 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
     finally:
         ctx._gen = None
         try:
-            gen.close()
-        except RuntimeError as exc:  # it yielded again in a `finally`: keep the first error
-            _log.warning("workflow %r ignored its shutdown: %s", ctx.id, exc)
+            ctx._vars.run(gen.close)
+        except RuntimeError as exc:
+            # A step thread still runs it (the workflow was cancelled): its context is
+            # entered there, or the generator executing.
+            if inspect.getgeneratorstate(gen) != inspect.GEN_RUNNING \
+                    and "cannot enter context" not in str(exc):
+                # it yielded again in a `finally`: keep the first error
+                _log.warning("workflow %r ignored its shutdown: %s", ctx.id, exc)
         except ValueError:  # a step thread still runs it (the workflow was cancelled)
             pass
 
@@ -2042,8 +2033,8 @@ class Durable:
                 loop.call_soon_threadsafe(_settle, targets, [outcome])
             return outcome
 
-        def go_on(context: contextvars.Context, outcome: tuple[bool, Any]) -> _Ahead | None:
-            return ctx._start_here(context, outcome, lambda: started.cancelled()
+        def go_on(outcome: tuple[bool, Any]) -> _Ahead | None:
+            return ctx._start_here(outcome, lambda: started.cancelled()
                                    or self._closing or ctx._abort is not None)
 
         def done(ok: bool, value: Any) -> None:
@@ -2192,14 +2183,20 @@ class Durable:
             self._start(workflow_id, self._registry[name], text, journal or {})
 
     async def _invoke(self, workflow_id: str, call: _StepCall, begin: _Op | None = None,
-                      ahead: Callable[[contextvars.Context, Any, Callable[[], bool]], Any]
-                      | None = None, halted: Callable[[], bool] = lambda: False) -> Any:
+                      ahead: Callable[[Any, Callable[[], bool]], Any] | None = None,
+                      halted: Callable[[], bool] = lambda: False) -> Any:
         """Run a step. A sync step runs in a step thread; `begin`, its checkpoint,
         is then committed by that thread just before (one trip instead of two), and a
-        failed commit raises _BeginFailed with fn not run."""
+        failed commit raises _BeginFailed with fn not run. A generator workflow's steps
+        run in copies of its context; an async workflow's, in its task's (a copy of it
+        for a sync step)."""
+        ctx = call._ctx
         if call.is_async:
             assert begin is None
-            return await call.fn(*call.args, **call.kwargs)
+            step = call.fn(*call.args, **call.kwargs)
+            if ctx._gen is None:
+                return await step
+            return await asyncio.get_running_loop().create_task(step, context=ctx._vars.copy())
         assert self._pool is not None and self._writer is not None
         future = asyncio.get_running_loop().create_future()
         # Counted until the thread returns, even if the workflow is cancelled first:
@@ -2227,13 +2224,13 @@ class Durable:
                 ok, value = writer.commit_here(begin, pool.busy <= 1)
                 return None if ok else value
 
-        after: Callable[[contextvars.Context, Any], Any] | None = None
+        after: Callable[[Any], Any] | None = None
         if ahead is not None:
-            def after(context: contextvars.Context, value: Any) -> Any:
-                return ahead(context, value,
-                             lambda: future.cancelled() or self._closing or halted())
+            def after(value: Any) -> Any:
+                return ahead(value, lambda: future.cancelled() or self._closing or halted())
 
-        self._pool.submit(call.fn, call.args, call.kwargs, done, checkpoint, after)
+        self._pool.submit(call.fn, call.args, call.kwargs, done, checkpoint, after,
+                          None if ctx._gen is None else ctx._vars.copy())
         value = await future
         if inspect.isawaitable(value):
             value = await value

@@ -553,7 +553,8 @@ def test_a_workflow_keeps_its_context_variables_wherever_its_code_runs(
     # A workflow's code runs on the event loop or in a step thread (alone, from its
     # start; between sync steps). Wherever it runs it sees the run() caller's context
     # variables and what it set itself earlier, also after an async step or a sleep
-    # brought it back to the loop; what a step sets stays in that step.
+    # brought it back to the loop, and may reset it with its token; steps, sync or
+    # async, see the workflow's variables, and what a step sets stays in that step.
     dur = Durable(db)
     seen: list[tuple[str, str, str | None, str | None]] = []
     gate = threading.Event()
@@ -562,19 +563,24 @@ def test_a_workflow_keeps_its_context_variables_wherever_its_code_runs(
         STEP_NOTE.set("set-by-a-step")
         return n
 
-    async def async_step(n: int) -> int:
-        return n
+    async def async_step(tag: str) -> str:
+        seen.append((tag, "in async step", REQUEST_ID.get(), STEP_NOTE.get()))
+        STEP_NOTE.set("set-by-an-async-step")
+        return tag
 
     @dur.register
     def wf(ctx, tag):
         seen.append((tag, "start", REQUEST_ID.get(), STEP_NOTE.get()))
-        REQUEST_ID.set(f"set-by-{tag}")
+        token = REQUEST_ID.set(f"set-by-{tag}")
         yield ctx.run(step, 1)
         yield ctx.run(step, 2)
-        yield ctx.run(async_step, 3)  # back on the event loop
+        yield ctx.run(async_step, tag)  # back on the event loop
         seen.append((tag, "after async step", REQUEST_ID.get(), STEP_NOTE.get()))
         yield ctx.sleep(0)
         seen.append((tag, "after sleep", REQUEST_ID.get(), STEP_NOTE.get()))
+        yield ctx.run(step, 3)
+        REQUEST_ID.reset(token)  # as OpenTelemetry's detach() does
+        seen.append((tag, "after reset", REQUEST_ID.get(), STEP_NOTE.get()))
 
     @dur.register
     async def async_wf(ctx, tag):
@@ -596,11 +602,10 @@ def test_a_workflow_keeps_its_context_variables_wherever_its_code_runs(
 
     arun(main())
     assert seen == [
-        ("A", "start", "req-A", None), ("A", "after async step", "set-by-A", None),
-        ("A", "after sleep", "set-by-A", None),
-        ("B", "start", "req-B", None), ("B", "after async step", "set-by-B", None),
-        ("B", "after sleep", "set-by-B", None),
-        ("C", "start", "req-C", None)]
+        (tag, where, request_id, None) for tag in ("A", "B") for where, request_id in [
+            ("start", f"req-{tag}"), ("in async step", f"set-by-{tag}"),
+            ("after async step", f"set-by-{tag}"), ("after sleep", f"set-by-{tag}"),
+            ("after reset", f"req-{tag}")]] + [("C", "start", "req-C", None)]
 
 
 def test_done_is_true_for_a_finished_workflow_while_a_duplicate_run_is_answered(
