@@ -1243,7 +1243,7 @@ class Context:
 
     async def _nap(self, seconds: float) -> None:
         """Sleep, unless the workflow is stopped first."""
-        if seconds > 0 and self._abort is None:
+        if seconds > 0 and self._abort is None and not self._durable._closing:
             loop = asyncio.get_running_loop()
             self._napping = loop.create_future()
             timer = loop.call_later(seconds, _wake, self._napping)
@@ -1522,6 +1522,13 @@ class Context:
             await future
         except (DurableError, _Interrupted) as exc:
             self._write_failed(exc)
+
+    async def _record_pending(self) -> None:
+        """Commit the finished steps not yet written, fenced, even while closing: a step
+        that returned is not to run again at the next start."""
+        if self._pending and not isinstance(self._abort, _Fenced):
+            with contextlib.suppress(DurableError, _Interrupted):
+                await self._durable._open_writer().submit(self._checkpoint([]))
 
     def _defer(self, row: _Row) -> None:
         """Write a finished step's row with the next checkpoint: the next step cannot
@@ -1841,27 +1848,35 @@ class Durable:
         next open), hand them back so another process may take them, and close.
 
         A sync step cannot be interrupted: close() waits up to `grace` seconds for step
-        threads to return (their results are dropped). A workflow whose step thread is
-        still running then stays held by this process: another process takes it over
-        when this process exits (at once, on this machine) or, if it lives on, when its
-        lease runs out; the stray thread's result is refused either way."""
+        threads to return, and records the results of those that do (their workflows
+        stop before their next step). A workflow whose step thread is still running
+        then stays held by this process: another process takes it over when this
+        process exits (at once, on this machine) or, if it lives on, when its lease runs
+        out; the stray thread's result is refused either way."""
         writer, reader, pool = self._writer, self._reader, self._pool
         if writer is None or reader is None or pool is None or self._closing:
             return
-        self._closing = True  # from here no step starts and no checkpoint is written
+        self._closing = True  # from here no step begins, and no workflow starts
         self._queued.clear()  # they stay unfinished, released below like the rest
         for timer in self._timers:
             timer.cancel()
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Workflows in a sync step go on until it returns: they record its result and
+        # stop before the next step. The others stop now; so do those past the grace.
+        tasks = [task for wf_id, task in self._running.items() if wf_id not in self._stepping]
+        for task in [*tasks, *self._background]:
+            task.cancel()
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=grace)
         while self._running or self._background:
             tasks = [*self._running.values(), *self._background]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
         while self._stepping and loop.time() < deadline:
             await asyncio.sleep(0.01)
         owner, stepping, lease = self._owner, set(self._stepping), self.lease
@@ -2166,6 +2181,8 @@ class Durable:
             elif not self._closing:
                 cause = stop.args[0] if stop.args else stop
                 self._retry_later(workflow_id, cause)
+            else:  # steps that returned while close() waited: record their results
+                await ctx._record_pending()
             return None
         finally:
             if self._running.get(workflow_id) is asyncio.current_task():
