@@ -1169,7 +1169,7 @@ class Context:
 
     __slots__ = ("_abort", "_durable", "_flush_due", "_gen", "_id", "_inflight",
                  "_journal", "_napping", "_new", "_outcome", "_owner", "_pending", "_retry",
-                 "_seq", "_touched", "_vars", "_waiters")
+                 "_seq", "_steps_due", "_touched", "_vars", "_waiters")
 
     def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -1189,6 +1189,7 @@ class Context:
         self._waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
         self._outcome: _Outcome | None = None  # committed when the workflow ended here
         self._new = True  # False while run()'s insert has not said the workflow is new
+        self._steps_due = 0  # step threads' outcomes awaited (close() lets them arrive)
         # A generator workflow's code runs in this one context wherever it runs (on the
         # loop, in a step thread), one place at a time: what it sets, and the tokens to
         # reset it, stay valid throughout. A copy of the context it was started from.
@@ -1348,8 +1349,12 @@ class Context:
                          error["message"], delay)
             await self._nap(delay)
         now = time.time()
-        await self._write([(self._id, seq, name, "failed", attempts, None, _dumps(error),
-                            _dumps(failures), now, now, now)])
+        failed = (self._id, seq, name, "failed", attempts, None, _dumps(error),
+                  _dumps(failures), now, now, now)
+        if self._durable._closing:  # close() waited for it: record its failure, then stop
+            self._pending.append(failed)
+            self._check_writable()
+        await self._write([failed])
         raise StepFailed(name, error["type"], error["message"], attempts)
 
     async def _sleep(self, call: _SleepCall) -> None:
@@ -1382,10 +1387,13 @@ class Context:
             return await durable._invoke(self._id, call)
         self._check_writable()
         ahead = None if self._gen is None else functools.partial(self._run_ahead, begin)
+        pending = self._pending
         try:
             return await durable._invoke(self._id, call, self._checkpoint([begin]), ahead,
                                          lambda: self._abort is not None)
         except _BeginFailed as failed:
+            # Not written: finished steps' rows go back, for close() to record.
+            self._pending = pending + self._pending
             self._write_failed(failed.args[0])
 
     def _checkpoint(self, rows: list[_Row], outcome: _Outcome | None = None) -> _Op:
@@ -1425,6 +1433,8 @@ class Context:
                 return self._finish_here(done, stop, stopped)
             except BaseException as exc:
                 return _Ahead(done, error=exc)
+            finally:
+                self._close_if_abandoned(gen)
             if not self._begins_here(call) or stopped():
                 return _Ahead(done, call=call)
             seq, name, attempt, history, start = self._seq + 1, call.name, 1, None, time.time()
@@ -1440,6 +1450,14 @@ class Context:
                 value = self._vars.copy().run(call.fn, *call.args, **call.kwargs)
             except BaseException as exc:
                 return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
+
+    def _close_if_abandoned(self, gen: Generator[Any, Any, Any]) -> None:
+        """In a step thread, after running the generator: if `_drive` ended meanwhile
+        (it could not close the generator while this thread ran it), close it here, in
+        its context, so that its `finally` runs as it would have there."""
+        if self._gen is None:
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._vars.run(gen.close)
 
     def _begins_here(self, call: object) -> bool:
         """Whether a step thread may begin `call` itself: a sync step of this workflow,
@@ -1463,6 +1481,8 @@ class Context:
             return _Ahead(None, stop=stop)
         except BaseException as exc:
             return _Ahead(None, error=exc)
+        finally:
+            self._close_if_abandoned(gen)
         writer, pool = durable._writer, durable._pool
         if not self._begins_here(call) or stopped() or writer is None or pool is None:
             return _Ahead(None, call=call)
@@ -1565,7 +1585,11 @@ async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
     ahead: _Ahead | None = None
     try:
         if started is not None:
-            ahead = await started
+            ctx._steps_due += 1
+            try:
+                ahead = await started
+            finally:
+                ctx._steps_due -= 1
             if ahead is None:
                 return _NOT_STARTED
         while True:
@@ -1865,9 +1889,12 @@ class Durable:
             await asyncio.gather(self._maintenance, return_exceptions=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # Workflows in a sync step go on until it returns: they record its result and
-        # stop before the next step. The others stop now; so do those past the grace.
-        tasks = [task for wf_id, task in self._running.items() if wf_id not in self._stepping]
+        # Workflows in a sync step (or with its outcome on its way to them) go on until
+        # they have it: they record its result and stop before the next step. The others
+        # stop now; so do those past the grace.
+        contexts = self._contexts
+        tasks = [task for wf_id, task in self._running.items() if wf_id not in self._stepping
+                 and not (wf_id in contexts and contexts[wf_id]._steps_due)]
         for task in [*tasks, *self._background]:
             task.cancel()
         if self._running:
@@ -2248,7 +2275,11 @@ class Durable:
 
         self._pool.submit(call.fn, call.args, call.kwargs, done, checkpoint, after,
                           None if ctx._gen is None else ctx._vars.copy())
-        value = await future
+        ctx._steps_due += 1
+        try:
+            value = await future
+        finally:
+            ctx._steps_due -= 1
         if inspect.isawaitable(value):
             value = await value
         return value

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -1616,6 +1617,126 @@ def test_close_waits_for_running_sync_steps_records_their_results_and_hands_back
 
     assert arun(main()) == [3] * len(ids)
     assert runs == {(wf_id, n): 1 for wf_id in ids for n in (1, 2)}
+
+
+@pytest.mark.parametrize("form", ["generator-two-at-once", "async"])
+def test_close_at_any_moment_between_quick_steps_runs_no_returned_step_again(
+        db: Path, form: str) -> None:
+    # A step that returned before or during close() is recorded, whether its outcome
+    # was still on its way to the workflow or the next step's start was refused.
+    returned: dict[tuple[str, int], list[int]] = {}
+    life = [0]
+    rng = random.Random(7)
+
+    def step(wf_id: str, n: int) -> int:
+        time.sleep(0.0005)
+        returned.setdefault((wf_id, n), []).append(life[0])
+        return n
+
+    def build(path: Path) -> Durable:
+        dur = Durable(path, synchronous="NORMAL")
+        if form == "async":
+            @dur.register(name="wf")
+            async def async_wf(ctx):
+                for n in range(1, 200):
+                    await ctx.run(step, ctx.id, n)
+        else:
+            @dur.register(name="wf")
+            def wf(ctx):
+                for n in range(1, 200):
+                    yield ctx.run(step, ctx.id, n)
+        return dur
+
+    ids = ["w", "w2"] if form.endswith("two-at-once") else ["w"]
+
+    async def main() -> None:
+        for i in range(8):
+            path = db.with_name(f"life-{i}.db")
+            life[0] = 1
+            async with build(path) as dur:
+                for wf_id in ids:
+                    await dur.run(wf_id, "wf")
+                await asyncio.sleep(rng.uniform(0.01, 0.05))
+            life[0] = 2
+            async with build(path) as dur:
+                for wf_id in ids:
+                    await (await dur.get(wf_id)).result(timeout=30)
+            assert [key for key, lives in returned.items() if lives != [lives[0]]] == [], i
+            returned.clear()
+
+    arun(main())
+
+
+def test_a_step_failing_for_good_while_close_waits_is_recorded_not_retried(
+        db: Path) -> None:
+    runs: list[int] = []
+
+    def declined() -> None:
+        runs.append(1)
+        time.sleep(0.3)
+        raise Permanent("card declined")
+
+    def build() -> Durable:
+        dur = Durable(db)
+
+        @dur.register(name="wf")
+        def wf(ctx):
+            try:
+                yield ctx.run(declined)
+            except StepFailed as failed:
+                return f"compensated after {failed.error_type}: {failed.message}"
+
+        return dur
+
+    async def main() -> Any:
+        async with build() as dur:
+            await dur.run("w", "wf")
+            await asyncio.sleep(0.05)  # the step's thread is running
+        assert rows(db, "SELECT state, attempts FROM steps") == [("failed", 1)]
+        async with build() as again:
+            return await (await again.get("w")).result()
+
+    assert arun(main()) == "compensated after Permanent: card declined"
+    assert runs == [1]
+
+
+def test_a_generator_stopped_while_its_code_runs_in_a_step_thread_still_resets_its_token(
+        db: Path) -> None:
+    # close() gives up on the grace while the workflow's own code (between two steps)
+    # runs in a step thread: that thread closes the generator when it is done, in the
+    # workflow's context, so its `finally` can reset what it set.
+    finished: list[str] = []
+
+    def build() -> Durable:
+        dur = Durable(db)
+
+        @dur.register(name="wf")
+        def wf(ctx):
+            token = REQUEST_ID.set("set-by-the-workflow")
+            try:
+                yield ctx.run(str, 1)
+                time.sleep(0.6)  # workflow code, not a step
+                yield ctx.run(str, 2)
+            finally:
+                try:
+                    REQUEST_ID.reset(token)
+                    finished.append("reset")
+                except ValueError as exc:
+                    finished.append(f"failed: {exc}")
+
+        return dur
+
+    async def main() -> None:
+        async with build() as dur:
+            await dur.run("w", "wf")
+            await asyncio.sleep(0.2)
+            await dur.close(grace=0.1)
+        deadline = time.monotonic() + 5
+        while not finished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    arun(main())
+    assert finished == ["reset"]
 
 
 def lambda_free_workflow(step: Any) -> Any:
