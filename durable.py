@@ -1370,6 +1370,9 @@ class Context:
                                 None, now, now, None)])
         await self._nap(wake - time.time())
         done = time.time()
+        if done < wake:  # woken early: the workflow is stopped, or the journal closing
+            self._check_writable()
+            raise self._abort or _Interrupted("the workflow stopped during a sleep")
         self._defer((self._id, seq, call.name, "done", 1, _dumps(wake), None, None, done, done,
                      done))
 
