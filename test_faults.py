@@ -341,6 +341,7 @@ def is_order(value: Any) -> bool:
     return (isinstance(value, dict) and set(value) == {"id", "customer", "items"}
             and text(value["id"]) and all(c.isascii() and (c.isalnum() or c in "_-.")
                                           for c in value["id"])
+            and value["id"] not in (".", "..")  # the README: clients resolve them away
             and isinstance(value["customer"], dict)
             and set(value["customer"]) == {"id", "email"} and text(value["customer"]["id"])
             and text(value["customer"]["email"], 254)
