@@ -1295,12 +1295,14 @@ class Context:
                 err = _loads(recorded.error) or {}
                 raise StepFailed(name, err.get("type", "Error"), err.get("message", ""),
                                  recorded.attempts)
-            # The process stopped during that attempt.
             attempts, failures = recorded.attempts, _loads(recorded.failures) or []
-            failures.append({"attempt": attempts, "started_at": recorded.updated_at,
-                             "finished_at": None, "error": {
-                                 "type": "Interrupted",
-                                 "message": "the process stopped during this attempt"}})
+            if not failures or failures[-1]["attempt"] != attempts:
+                # The process stopped during that attempt (else its failure is recorded:
+                # the journal closed before the next attempt began).
+                failures.append({"attempt": attempts, "started_at": recorded.updated_at,
+                                 "finished_at": None, "error": {
+                                     "type": "Interrupted",
+                                     "message": "the process stopped during this attempt"}})
         policy = call.retry or self._retry
         error: dict[str, Any] = failures[-1]["error"] if failures else {}
         while attempts < policy.max_attempts:
@@ -1343,6 +1345,10 @@ class Context:
                              "finished_at": time.time(), "error": error})
             if permanent or attempts >= policy.max_attempts:
                 break
+            if self._durable._closing:  # record the failed attempt; the next runs at reopen
+                self._pending.append((self._id, seq, name, "running", attempts, None, None,
+                                      _dumps(failures), start, time.time(), None))
+                self._check_writable()
             delay = policy.delay(attempts)
             _log.warning("workflow %r step %r attempt %d/%d failed (%s: %s); retrying in %.2fs",
                          self._id, name, attempts, policy.max_attempts, error["type"],

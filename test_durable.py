@@ -1700,6 +1700,37 @@ def test_a_step_failing_for_good_while_close_waits_is_recorded_not_retried(
     assert runs == [1]
 
 
+def test_a_step_failing_while_close_waits_keeps_its_error_and_its_next_attempt_runs_at_reopen(
+        db: Path) -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.3)
+            raise ConnectionError("gateway timeout")
+        return "ok"
+
+    def build() -> Durable:
+        dur = Durable(db, retry=RetryPolicy(max_attempts=3, initial_delay=30, jitter=0))
+        dur.register(name="wf")(lambda_free_workflow(flaky))
+        return dur
+
+    async def main() -> Any:
+        async with build() as dur:
+            await dur.run("w", "wf")
+            await asyncio.sleep(0.05)  # attempt 1 is running; close() waits for it
+        async with build() as again:  # no 30 s backoff: attempt 2 runs at once
+            return await (await again.get("w")).result(timeout=5)
+
+    assert arun(main()) == "ok"
+    assert calls == [1, 1]
+    ((attempts, failures),) = rows(db, "SELECT attempts, failures FROM steps")
+    assert attempts == 2
+    assert [(f["attempt"], f["error"]["type"]) for f in json.loads(failures)] == [
+        (1, "ConnectionError")]  # its own error, not "Interrupted"
+
+
 def test_a_generator_stopped_while_its_code_runs_in_a_step_thread_still_resets_its_token(
         db: Path) -> None:
     # close() gives up on the grace while the workflow's own code (between two steps)
