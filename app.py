@@ -91,6 +91,12 @@ class CardDeclined(Permanent):
     pass
 
 
+class KeyReused(Permanent):
+    """A provider refuses a key it saw with another request (as real payment providers
+    do): an order id used again after `prune` does not take over the old order's
+    reservation or charge."""
+
+
 class FlakyNetwork(ConnectionError):
     """The transient failure FLAKY injects: retried, unlike the Permanent errors."""
 
@@ -175,7 +181,10 @@ def validate(order: dict[str, Any]) -> int:
 def reserve(order: dict[str, Any], key: str) -> str:
     demo_switches("reserve", order["id"])
     with providers() as conn:
-        again = conn.execute("SELECT 1 FROM reservations WHERE key = ?", (key,)).fetchone()
+        again = conn.execute("SELECT items FROM reservations WHERE key = ?", (key,)).fetchone()
+        if again and json.loads(again[0]) != order["items"]:
+            raise KeyReused(f"key {key} was used for a reservation of other items; use a new "
+                            "order id")
         if not again:
             for item in order["items"]:
                 left = conn.execute("UPDATE stock SET available = available - ? "
@@ -202,7 +211,8 @@ def release(order_id: str, key: str) -> bool:
                 conn.execute("UPDATE stock SET available = available + ? WHERE sku = ?",
                              (item["qty"], item["sku"]))
             conn.execute("UPDATE reservations SET released = 1 WHERE key = ?", (key,))
-    log.info("[release] order %s - reserved stock released", order_id)
+    log.info("[release] order %s - %s", order_id,
+             "reserved stock released" if row else "nothing left to release")
     return True
 
 
@@ -213,7 +223,11 @@ def charge(order: dict[str, Any], amount: int, key: str) -> str:
     if not PAYMENT_KEYS:
         key = f"{key}/{secrets.token_hex(4)}"  # what a provider without keys amounts to
     with providers() as conn:
-        row = conn.execute("SELECT charge_id FROM charges WHERE key = ?", (key,)).fetchone()
+        row = conn.execute("SELECT charge_id, amount FROM charges WHERE key = ?",
+                           (key,)).fetchone()
+        if row and row[1] != amount:
+            raise KeyReused(f"key {key} was used for a charge of {dollars(row[1])}, not "
+                            f"{dollars(amount)}; use a new order id")
         if row:
             charge_id, what = row[0], "already charged"
         else:
@@ -227,12 +241,13 @@ def charge(order: dict[str, Any], amount: int, key: str) -> str:
     return charge_id
 
 
-def refund(order_id: str, key: str) -> bool:
-    """Refund the charge made under `key`, if there is one and it is not refunded yet."""
+def refund(order_id: str, key: str, amount: int) -> bool:
+    """Refund the charge of `amount` made under `key`, if there is one and it is not
+    refunded yet."""
     with providers() as conn:
         row = conn.execute("SELECT charge_id, amount FROM charges WHERE key = ?",
                            (key,)).fetchone()
-        if row is None:
+        if row is None or row[1] != amount:
             what = f"nothing was charged under key {key}"
         elif conn.execute("SELECT 1 FROM refunds WHERE key = ?", (key,)).fetchone():
             what = f"already refunded {dollars(row[1])} ({row[0]})"
@@ -241,7 +256,16 @@ def refund(order_id: str, key: str) -> bool:
                          "VALUES (?, ?, ?, ?, ?)", (key, row[0], order_id, row[1], time.time()))
             what = f"refunded {dollars(row[1])} ({row[0]})"
     log.info("[refund] order %s - %s", order_id, what)
-    return row is not None
+    return row is not None and row[1] == amount
+
+
+def email_sent(order_id: str, key: str) -> bool:
+    """Whether the confirmation under `key` went out (asked of the email provider)."""
+    with providers(write=False) as conn:
+        sent = conn.execute("SELECT 1 FROM outbox WHERE key = ?", (key,)).fetchone()
+    log.info("[email_sent] order %s - the confirmation %s", order_id,
+             "went out" if sent else "did not go out")
+    return sent is not None
 
 
 def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> bool:
@@ -264,22 +288,36 @@ def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> boo
 dur = Durable(DURABLE_DB, max_running=MAX_RUNNING)
 
 
+# A step that fails for good for any other reason (out of attempts because its process
+# died in it every time, say) may have had its effect first: the compensation undoes
+# whatever its key did, and does nothing if it did nothing.
+_NOTHING_RESERVED = {OutOfStock.__name__, KeyReused.__name__}
+_NOTHING_CHARGED = {CardDeclined.__name__, KeyReused.__name__}
+
+
 @dur.register
 def process_order(ctx, order):
     total = yield ctx.run(validate, order)
-    reservation = yield ctx.run(reserve, order, f"{ctx.id}/reserve")
+    try:
+        reservation = yield ctx.run(reserve, order, f"{ctx.id}/reserve")
+    except StepFailed as failed:
+        if failed.error_type not in _NOTHING_RESERVED:
+            yield ctx.run(release, order["id"], f"{ctx.id}/reserve")
+        raise
     try:
         charge_id = yield ctx.run(charge, order, total, f"{ctx.id}/charge")
     except StepFailed as failed:
         yield ctx.run(release, order["id"], reservation)  # compensate, then fail the order
-        if failed.error_type != CardDeclined.__name__:
-            # Out of attempts for another reason (the process died in it every time, say):
-            # the card may have been charged before that. Refund whatever the key charged.
-            yield ctx.run(refund, order["id"], f"{ctx.id}/charge")
+        if failed.error_type not in _NOTHING_CHARGED:
+            yield ctx.run(refund, order["id"], f"{ctx.id}/charge", total)
         raise
-    yield ctx.run(confirm, order, total, charge_id, f"{ctx.id}/confirm")
+    try:
+        yield ctx.run(confirm, order, total, charge_id, f"{ctx.id}/confirm")
+        sent = True
+    except StepFailed:  # a paid order stays paid: did the email go out before it failed?
+        sent = yield ctx.run(email_sent, order["id"], f"{ctx.id}/confirm")
     return {"orderId": order["id"], "inventoryReserved": True, "paymentCharged": True,
-            "confirmationSent": True, "total": total, "chargeId": charge_id}
+            "confirmationSent": sent, "total": total, "chargeId": charge_id}
 
 
 # VALIDATION AT THE DOOR.

@@ -382,6 +382,45 @@ def test_a_charge_out_of_attempts_after_charging_is_refunded_and_its_stock_relea
     assert len(refunds) == 1 and "refunded $69.97" in refunds[0], refunds
 
 
+@pytest.mark.parametrize("step", ["reserve", "confirm"])
+def test_a_step_out_of_attempts_after_its_effect_leaves_no_stock_held_and_no_charge_lost(
+        service: Service, step: str) -> None:
+    service.start(CRASH_AT=step)
+    before = service.stock()
+    assert service.post(ORDER).status_code == 202
+    for _ in range(5):  # every attempt has its effect, then its process dies
+        assert service.wait_for_exit() == 3
+        service.start(may_die=True, CRASH_AT=step)
+    outcome = service.finished("ord_1001")
+    log = service.log()
+    if step == "reserve":  # nothing charged yet: the reservation is released
+        assert (outcome["status"], outcome["error"]["type"]) == ("failed", "Interrupted")
+        assert service.stock() == before and service.charges() == []
+        assert len([line for line in step_lines(log, "release", "ord_1001")
+                    if "reserved stock released" in line]) == 1
+    else:  # paid and reserved: it stays so, and the email did go out
+        assert outcome["status"] == "done" and outcome["result"]["confirmationSent"] is True
+        assert [c["refunded"] for c in service.charges()] == [False]
+        assert "the confirmation went out" in step_lines(log, "email_sent", "ord_1001")[0]
+
+
+def test_an_id_used_again_after_prune_does_not_take_over_the_old_orders_charge(
+        service: Service) -> None:
+    service.start()
+    service.post(ORDER)
+    old = service.finished("ord_1001")["result"]["chargeId"]
+    pruned = subprocess.run([sys.executable, str(HERE / "durable.py"), "orders.db", "prune",
+                             "0s"], cwd=service.folder, capture_output=True, text=True,
+                            timeout=60)
+    assert pruned.returncode == 0 and "pruned 1" in pruned.stdout, pruned
+    # The same id for another order: the providers still know its keys.
+    other = order(items=[{"sku": "widget-pro", "qty": 1, "price": 100}])
+    assert service.post(other).status_code == 202
+    failed = service.finished("ord_1001")
+    assert (failed["status"], failed["error"]["type"]) == ("failed", "KeyReused")
+    assert [(c["chargeId"], c["refunded"]) for c in service.charges()] == [(old, False)]
+
+
 def test_64_concurrent_identical_posts_make_one_workflow_and_one_charge(
         service: Service) -> None:
     service.start()
