@@ -1345,10 +1345,9 @@ class Context:
                              "finished_at": time.time(), "error": error})
             if permanent or attempts >= policy.max_attempts:
                 break
-            if self._durable._closing:  # record the failed attempt; the next runs at reopen
-                self._pending.append((self._id, seq, name, "running", attempts, None, None,
-                                      _dumps(failures), start, time.time(), None))
-                self._check_writable()
+            # Closing: the failed attempt is recorded, and the next runs at reopen.
+            self._stop_if_closing((self._id, seq, name, "running", attempts, None, None,
+                                   _dumps(failures), start, time.time(), None))
             delay = policy.delay(attempts)
             _log.warning("workflow %r step %r attempt %d/%d failed (%s: %s); retrying in %.2fs",
                          self._id, name, attempts, policy.max_attempts, error["type"],
@@ -1357,9 +1356,7 @@ class Context:
         now = time.time()
         failed = (self._id, seq, name, "failed", attempts, None, _dumps(error),
                   _dumps(failures), now, now, now)
-        if self._durable._closing:  # close() waited for it: record its failure, then stop
-            self._pending.append(failed)
-            self._check_writable()
+        self._stop_if_closing(failed)
         await self._write([failed])
         raise StepFailed(name, error["type"], error["message"], attempts)
 
@@ -1532,6 +1529,13 @@ class Context:
         if self._durable._closing:
             self._stop(_Interrupted("the journal is closing"))
             raise self._abort  # type: ignore[misc]
+
+    def _stop_if_closing(self, row: _Row) -> None:
+        """While closing (which waited for this step), keep the step's `row` for
+        _record_pending to commit, and stop the workflow here."""
+        if self._durable._closing:
+            self._pending.append(row)
+            self._check_writable()
 
     def _write_failed(self, exc: BaseException) -> NoReturn:
         if not isinstance(self._abort, _Interrupted):  # a stop (cancel, close) says why
