@@ -37,7 +37,9 @@ from durable import (
     JournalError,
     NotFound,
     Permanent,
+    Status,
     StepFailed,
+    UnreadableRecord,
 )
 
 HOST = os.environ.get("HOST", "127.0.0.1")
@@ -442,10 +444,24 @@ async def create_order(request: Request) -> JSONResponse:
 
 
 async def order_status(request: Request) -> JSONResponse:
+    order_id = request.path_params["order_id"]
     try:
-        status = await (await dur.get(request.path_params["order_id"])).status()
+        status = await (await dur.get(order_id)).status()
+        return status_answer(status)  # rendering the body recurses into the result too
     except (NotFound, InvalidInput):  # no such id, or one that no order can have
         return JSONResponse({"status": "not_found"}, status_code=404)
+    except (UnreadableRecord, RecursionError):
+        # The journal holds a value nested too deeply to read (or to render) for this
+        # order: 500, since the request is fine and the fault is in our own record of
+        # it; not the 503 (with Retry-After) of an unavailable journal, since retrying
+        # cannot help: the next read fails the same way. Other orders are unaffected.
+        log.error("order %r cannot be shown: the journal holds a value nested too deeply "
+                  "to read for it", order_id)
+        return error(500, f"order {order_id!r} cannot be shown: the journal holds a value "
+                          "nested too deeply to read for it")
+
+
+def status_answer(status: Status) -> JSONResponse:
     if status.state == "done":
         return JSONResponse({"status": "done", "result": status.result})
     if status.state == "failed":

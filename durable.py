@@ -30,6 +30,35 @@ a process that died. From a shell:
 
     python durable.py orders.db list|show ID|retry ID|cancel ID|prune 7d [--json]
 
+How it runs
+-----------
+Threads. The *event loop* (yours) runs Durable's methods, async workflows and async
+steps. One *writer* thread commits the journal's writes: whatever is queued when it
+wakes goes into one transaction (group commit). *Step threads* (up to max_threads)
+run sync steps. One *reader* thread serves reads (status, result, recovery).
+
+Where a workflow's code runs. An async workflow runs on the loop. A generator
+workflow runs on the loop too, except that the step thread which ran one of its sync
+steps may go on with it, up to its next call that is not a fresh sync step, and a
+workflow run() when nothing else runs here starts in a step thread at once. Either
+way its code runs in one place at a time, in one contextvars.Context of its own.
+
+The life of one step. The step machine looks the call up in the journal (replay: a
+finished step returns its recorded result and never runs again). Otherwise it writes
+the attempt's *begin row* (state running, attempt n); then the body runs; then the
+machine judges the outcome: done, retry after a delay, or failed for good. A done
+row is not committed alone: it goes with the workflow's next checkpoint (the next
+step's begin row, a sleep, or the workflow's end), so the next step never starts
+before the previous result is durable, and a 4-step workflow commits 5 times, not
+9. Every checkpoint is fenced: it writes only while this process holds the workflow
+unfinished, so a cancelled or taken-over workflow records nothing more.
+
+Sections, top to bottom: errors; records; codec and checks; owner identity; stores
+(_SqliteJournal: every SQL statement) and the operations on them; group commit (the
+writer); step threads; a workflow here (_Run, one object per workflow in this
+process); the step machine (plain functions); the drivers (the loop's and a step
+thread's); context and handle (the public faces); Durable; the command line.
+
 SPDX-License-Identifier: MIT
 """
 
@@ -60,7 +89,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, NoReturn, TypeVar, overload
+from typing import Any, ClassVar, Literal, NoReturn, TypeVar, overload
 
 __version__ = "0.1.0"
 __all__ = [
@@ -78,6 +107,7 @@ __all__ = [
     "Status",
     "StepFailed",
     "StepRecord",
+    "UnreadableRecord",
     "WorkflowCancelled",
     "WorkflowFailed",
 ]
@@ -86,7 +116,7 @@ _log = logging.getLogger("durable")
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-# CONSTANTS AND SQL.
+# CONSTANTS.
 
 _APPLICATION_ID = 0x44757261  # "Dura" in the SQLite file header: this file is a journal.
 _MAX_ID_LENGTH = 255
@@ -97,159 +127,6 @@ _FINISHED = ("done", "failed", "cancelled")
 State = Literal["pending", "running", "done", "failed", "cancelled"]
 StepState = Literal["running", "done", "failed"]
 
-# Each entry is one schema version; entry i takes a journal from version i to i + 1.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE workflows (
-            id          TEXT PRIMARY KEY,
-            name        TEXT NOT NULL,
-            input       TEXT NOT NULL,
-            input_hash  TEXT NOT NULL,
-            state       TEXT NOT NULL,
-            result      TEXT,
-            error       TEXT,
-            owner       TEXT,
-            created_at  REAL NOT NULL,
-            updated_at  REAL NOT NULL,
-            finished_at REAL
-        )""",
-        """CREATE INDEX workflows_unfinished ON workflows (state)
-            WHERE state IN ('pending', 'running')""",
-        """CREATE TABLE steps (
-            workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
-            seq         INTEGER NOT NULL,
-            name        TEXT NOT NULL,
-            state       TEXT NOT NULL,
-            attempts    INTEGER NOT NULL,
-            result      TEXT,
-            error       TEXT,
-            failures    TEXT,
-            started_at  REAL NOT NULL,
-            updated_at  REAL NOT NULL,
-            finished_at REAL,
-            PRIMARY KEY (workflow_id, seq)
-        ) WITHOUT ROWID""",
-        # One row per open Durable: its lease, renewed while it runs. A workflow whose
-        # owner's lease ran out (or whose owner has no row) may be taken over.
-        """CREATE TABLE owners (
-            id          TEXT PRIMARY KEY,
-            expires_at  REAL NOT NULL
-        ) WITHOUT ROWID""",
-    ),
-)
-
-_INSERT_WORKFLOW = """
-    INSERT INTO workflows (id, name, input, input_hash, state, owner, created_at, updated_at)
-    VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
-    ON CONFLICT (id) DO NOTHING"""
-_SELECT_IDENTITY = "SELECT name, input_hash, state, owner FROM workflows WHERE id = ?"
-# Many at once: the ids, and the new rows, as one JSON array each.
-_SELECT_IDENTITIES = """
-    SELECT id, name, input_hash, state, owner FROM workflows
-    WHERE id IN (SELECT value FROM json_each(?))"""
-_INSERT_WORKFLOWS = """
-    INSERT INTO workflows (id, name, input, input_hash, state, owner, created_at, updated_at)
-    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
-           json_extract(value, '$[2]'), json_extract(value, '$[3]'), 'pending',
-           json_extract(value, '$[4]'), ?, ?
-    FROM json_each(?) WHERE true"""
-# Fencing: every checkpoint matches only while the writer owns the workflow and the
-# workflow is unfinished. A workflow's first checkpoint in a process marks it running;
-# later ones write their step rows only under the same condition (one statement).
-_TOUCH_WORKFLOW = """
-    UPDATE workflows SET state = 'running', updated_at = ?
-    WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
-_FINISH_WORKFLOW = """
-    UPDATE workflows SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
-    WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
-# A step row written whole: the start of an attempt, or the step's end. An existing row
-# keeps its name and first start. `failures` is a JSON list of the step's failed
-# attempts (attempt, times, error); a durable sleep's result is its wake time.
-_STEP_COLUMNS = ("workflow_id, seq, name, state, attempts, result, error, failures, "
-                 "started_at, updated_at, finished_at")
-_STEP_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_STEP_UPSERT = """
-    ON CONFLICT (workflow_id, seq) DO UPDATE SET
-        state = excluded.state, attempts = excluded.attempts, result = excluded.result,
-        error = excluded.error, failures = excluded.failures,
-        updated_at = excluded.updated_at, finished_at = excluded.finished_at"""
-
-
-@functools.lru_cache(maxsize=16)
-def _put_steps(count: int, fenced: bool) -> str:
-    """SQL writing `count` step rows; fenced: only while (id, owner) holds the workflow
-    unfinished (the two last parameters), so that zero rows change when it does not."""
-    values = ", ".join([_STEP_VALUES] * count)
-    if not fenced:
-        return f"INSERT INTO steps ({_STEP_COLUMNS}) VALUES {values} {_STEP_UPSERT}"
-    return (f"INSERT INTO steps ({_STEP_COLUMNS}) SELECT * FROM (VALUES {values}) "
-            "WHERE EXISTS (SELECT 1 FROM workflows WHERE id = ? AND owner = ? "
-            f"AND state IN ('pending', 'running')) {_STEP_UPSERT}")
-
-
-_SELECT_WORKFLOW = """
-    SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
-           w.finished_at, w.owner, o.expires_at
-    FROM workflows w LEFT JOIN owners o ON o.id = w.owner WHERE w.id = ?"""
-_SELECT_STEPS = """
-    SELECT seq, name, state, attempts, result, error, failures, started_at, updated_at,
-           finished_at
-    FROM steps WHERE workflow_id = ? ORDER BY seq"""
-_SELECT_OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
-_SELECT_ORPHANS = """
-    SELECT w.id, w.name, w.owner, o.expires_at
-    FROM workflows w LEFT JOIN owners o ON o.id = w.owner
-    WHERE w.state IN ('pending', 'running') AND (w.owner IS NULL OR w.owner != ?)"""
-# Takes a workflow from the owner seen a moment ago, only if that owner is still its
-# owner and is known dead (first ?) or holds no live lease (second ?: now).
-_CLAIM = """
-    UPDATE workflows SET owner = ?, updated_at = ?
-    WHERE id = ? AND owner IS ? AND state IN ('pending', 'running')
-      AND (? OR owner IS NULL OR NOT EXISTS (
-          SELECT 1 FROM owners WHERE owners.id = workflows.owner AND owners.expires_at >= ?))"""
-_RENEW_OWNER = """
-    INSERT INTO owners (id, expires_at) VALUES (?, ?)
-    ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"""
-_DELETE_OWNER = "DELETE FROM owners WHERE id = ?"
-_FORGET_OWNERS = """
-    DELETE FROM owners WHERE expires_at < ? AND id NOT IN (
-        SELECT owner FROM workflows
-        WHERE state IN ('pending', 'running') AND owner IS NOT NULL)"""
-_SELECT_OWNED = """
-    SELECT id, name, input FROM workflows
-    WHERE owner = ? AND state IN ('pending', 'running')"""
-_SELECT_OWNED_STEPS = """
-    SELECT s.workflow_id, s.seq, s.name, s.state, s.attempts, s.result, s.error, s.failures,
-           s.updated_at
-    FROM steps s JOIN workflows w ON w.id = s.workflow_id
-    WHERE w.owner = ? AND w.state IN ('pending', 'running')"""
-_SELECT_INPUT = "SELECT id, name, input FROM workflows WHERE id = ?"
-_SELECT_REPLAY = """
-    SELECT workflow_id, seq, name, state, attempts, result, error, failures, updated_at
-    FROM steps WHERE workflow_id = ?"""
-_SELECT_LIST = """
-    SELECT w.id, w.name, w.state, w.created_at, w.updated_at, w.finished_at,
-           (SELECT count(*) FROM steps s WHERE s.workflow_id = w.id)
-    FROM workflows w WHERE (? IS NULL OR w.state = ?)
-    ORDER BY w.created_at DESC LIMIT ?"""
-_SELECT_STATES = "SELECT state, owner FROM workflows WHERE id = ?"
-_CANCEL = """
-    UPDATE workflows SET state = 'cancelled', error = ?, updated_at = ?, finished_at = ?
-    WHERE id = ? AND state IN ('pending', 'running')"""
-_LAST_FAILED_STEP = "SELECT max(seq) FROM steps WHERE workflow_id = ? AND state = 'failed'"
-_DELETE_STEPS_FROM = "DELETE FROM steps WHERE workflow_id = ? AND seq >= ?"
-_REOPEN = """
-    UPDATE workflows SET state = 'pending', result = NULL, error = NULL, finished_at = NULL,
-                         owner = ?, updated_at = ?
-    WHERE id = ? AND state = 'failed'"""
-_PRUNE = """
-    DELETE FROM workflows WHERE rowid IN (
-        SELECT rowid FROM workflows
-        WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ? LIMIT ?)"""
-_RELEASE = """
-    UPDATE workflows SET owner = NULL
-    WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
-
 # ERRORS.
 
 
@@ -259,6 +136,12 @@ class DurableError(Exception):
 
 class JournalError(DurableError):
     """The journal file cannot be used: not a journal, a newer schema, or a failed write."""
+
+
+class UnreadableRecord(JournalError):
+    """A workflow's record in the journal holds a value that cannot be read back (nested
+    too deeply: whoever can write the file can put anything in it). Reading that
+    workflow fails the same way every time; other workflows read as before."""
 
 
 class InvalidInput(DurableError, ValueError):
@@ -316,9 +199,12 @@ class Permanent(Exception):
     """Raise from a step (or subclass) for a failure that retrying cannot fix."""
 
 
+# The private stop reasons: why a workflow stops here without an outcome.
+
+
 class _Interrupted(BaseException):
     """The workflow must stop without an outcome: its journal could not be written,
-    or another process holds it now. A BaseException, so workflow code that catches
+    or the journal is closing. A BaseException, so workflow code that catches
     `Exception` cannot swallow it; the workflow stays unfinished in the journal."""
 
 
@@ -332,16 +218,153 @@ class _Fenced(_Interrupted):
         self.level = level
 
 
-def _why_fenced(conn: sqlite3.Connection, workflow_id: str) -> _Fenced:
-    row = conn.execute(_SELECT_STATES, (workflow_id,)).fetchone()
-    if row is None:
-        return _Fenced(workflow_id, "it was pruned from the journal")
-    if row[0] == "cancelled":
-        return _Fenced(workflow_id, "it was cancelled", logging.INFO)
-    if row[0] in _FINISHED:
-        return _Fenced(workflow_id, f"it is {row[0]} already")
-    return _Fenced(workflow_id, "another process took it over (this one was paused, stuck "
-                                "or cut off past its lease)")
+# RECORDS: settings, and what the journal says about a workflow.
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a failing step is tried, and how long to wait in between.
+
+    The wait after failed attempt n is ``initial_delay * backoff ** (n - 1)``, capped
+    at `max_delay`, less a random share of up to `jitter` of it, so that many
+    workflows failing together do not retry in step. With the defaults a step is
+    tried 5 times over about 7 seconds.
+    """
+
+    max_attempts: int = 5
+    initial_delay: float = 0.5
+    backoff: float = 2.0
+    max_delay: float = 30.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
+                or self.max_attempts < 1:
+            raise InvalidInput(f"max_attempts must be an integer >= 1, not {self.max_attempts!r}")
+        for field, low in (("initial_delay", 0.0), ("backoff", 1.0), ("max_delay", 0.0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
+                raise InvalidInput(f"{field} must be a number >= {low}, not {value!r}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) \
+                or not 0 <= self.jitter <= 1:
+            raise InvalidInput(f"jitter must be between 0 and 1, not {self.jitter!r}")
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after failed attempt number `attempt` (counting from 1)."""
+        try:
+            base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        except OverflowError:
+            base = self.max_delay
+        return float(base * (1 - self.jitter * rand()))
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One journaled step. Times are Unix timestamps; `started_at` is the first attempt's."""
+
+    seq: int
+    name: str
+    state: StepState
+    attempts: int
+    result: Any
+    error: dict[str, Any] | None
+    failed_attempts: tuple[dict[str, Any], ...]  # attempt, started_at, finished_at, error
+    started_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A workflow as the journal has it, with one `StepRecord` per journaled step."""
+
+    id: str
+    name: str
+    state: State
+    result: Any
+    error: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    steps: tuple[StepRecord, ...]
+    # The process holding it ("host|pid|start|nonce"), and when that one's lease ends.
+    owner: str | None = None
+    lease_expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _JournaledStep:
+    """A step as recorded before this (re)start: what replay goes by."""
+
+    name: str
+    state: str
+    attempts: int
+    result: str | None
+    error: str | None
+    failures: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Workflow:
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    retry: RetryPolicy | None
+    signature: inspect.Signature
+    # How many positional arguments (after ctx) the function takes when it takes
+    # exactly those (no defaults, *args, **kwargs or keyword-only): run() with that
+    # many and no keywords fits without binding.
+    arity: int | None
+
+
+def _arity(signature: inspect.Signature) -> int | None:
+    params = list(signature.parameters.values())
+    simple = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not params or any(p.kind not in simple or p.default is not p.empty for p in params):
+        return None
+    return len(params) - 1
+
+
+# CODEC AND CHECKS: JSON only, never pickle, so whoever can write the file cannot run code.
+
+
+# Compact, strict JSON (no NaN). Canonical form also sorts keys, so that equal values
+# hash equally; stored values keep the caller's key order. Made once, not per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_ENCODE_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     allow_nan=False).encode
+
+
+def _dumps(value: Any, *, canonical: bool = False) -> str:
+    try:
+        text = _ENCODE_CANONICAL(value) if canonical else _ENCODE(value)
+    except RecursionError:  # refused like any other value JSON cannot hold
+        raise ValueError("it is nested too deeply") from None
+    text.encode()  # a lone surrogate cannot be stored: refuse it here, not in the writer
+    return text
+
+
+def _loads(text: str | None, workflow_id: str | None = None) -> Any:
+    """A value from the journal. Whoever can write the file can put anything there: a
+    value nested too deeply to decode fails reading that workflow, and nothing else."""
+    try:
+        return None if text is None else json.loads(text)
+    except RecursionError:  # [[[[...]]]] past the interpreter's depth, put in the file
+        raise _too_deep(workflow_id) from None
+
+
+def _too_deep(workflow_id: str | None) -> UnreadableRecord:
+    """Also for a value read back but too deep to render (repr, asdict, json.dumps)."""
+    whose = "" if workflow_id is None else f", for workflow {workflow_id!r}"
+    return UnreadableRecord(f"the journal holds a value nested too deeply to read{whose}")
+
+
+def _error_of(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, StepFailed):
+        return {"type": exc.error_type, "message": exc.message, "step": exc.step,
+                "attempts": exc.attempts}
+    return {"type": type(exc).__name__, "message": str(exc)}
 
 
 def _check_id(workflow_id: object) -> None:
@@ -367,37 +390,14 @@ def _name_of(fn: Callable[..., Any]) -> str:
     return str(name).rpartition("<locals>.")[2]
 
 
-# CODEC: JSON only, never pickle, so whoever can write the file cannot run code.
+def _seconds(value: float | timedelta, what: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
+        raise InvalidInput(f"{what} must be seconds >= 0 or a timedelta, not {value!r}")
+    return float(seconds)
 
 
-# Compact, strict JSON (no NaN). Canonical form also sorts keys, so that equal values
-# hash equally; stored values keep the caller's key order. Made once, not per call.
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_ENCODE_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                                     allow_nan=False).encode
-
-
-def _dumps(value: Any, *, canonical: bool = False) -> str:
-    try:
-        text = _ENCODE_CANONICAL(value) if canonical else _ENCODE(value)
-    except RecursionError:  # refused like any other value JSON cannot hold
-        raise ValueError("it is nested too deeply") from None
-    text.encode()  # a lone surrogate cannot be stored: refuse it here, not in the writer
-    return text
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _error_of(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, StepFailed):
-        return {"type": exc.error_type, "message": exc.message, "step": exc.step,
-                "attempts": exc.attempts}
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
-# OWNER IDENTITY: which process holds a workflow, and whether it is still alive.
+# OWNER IDENTITY: which process holds a workflow, whether it is alive, and lease time.
 
 
 def _boot_id() -> str:
@@ -430,128 +430,577 @@ def _process_start(pid: int) -> str | None:
     return None if fields[0] == "Z" else _boot_id() + ":" + fields[19]
 
 
-def _owner_is_dead(owner: str, host: str) -> bool:
-    """True only when `owner` is a process on this host that has exited."""
+def _liveness(owner: str, host: str) -> bool | None:
+    """Whether `owner` (a process's "host|pid|start|nonce") is alive: True or False for
+    a process on this host, None for one whose liveness cannot be seen from here (on
+    another machine): only its lease can tell."""
     parts = owner.split("|")
     if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
-        return False  # another machine: only its lease can tell
+        return None
     current = _process_start(int(parts[1]))
-    return current is None or (current != "" and current != parts[2])
+    return not (current is None or (current != "" and current != parts[2]))
 
 
-# JOURNAL: connections, schema, transactions, and the one writer thread.
+def _owner_is_dead(owner: str, host: str) -> bool:
+    """True only when `owner` is a process on this host that has exited."""
+    return _liveness(owner, host) is False
 
 
-# What to do about an SQLite error, by its primary result code.
-_ADVICE = {
-    "SQLITE_READONLY": "the journal file or its folder is read-only; make both writable",
-    "SQLITE_CANTOPEN": "the journal cannot be opened; its folder must exist and be writable "
-                       "(WAL mode keeps -wal and -shm files beside it)",
-    "SQLITE_FULL": "the disk, or the journal's size limit, is full; free some space",
-    "SQLITE_BUSY": "another connection held the write lock longer than busy_timeout",
-    "SQLITE_LOCKED": "another connection held the write lock longer than busy_timeout",
-    "SQLITE_CORRUPT": "the journal file is damaged; restore it from a backup",
-    "SQLITE_NOTADB": "the file is not an SQLite database",
-    "SQLITE_IOERR": "the disk reported an I/O error",
-}
+class _LeaseClock:
+    """Wall-clock time as this process has counted it since it started: its start's
+    wall time plus the monotonic time elapsed. A jump of the system clock (NTP after
+    a VM resumes, a hand-set date) moves neither the leases this process writes nor
+    its judgement of others' leases; only time that really passed does."""
+
+    __slots__ = ("_mono", "_wall")
+
+    def __init__(self) -> None:
+        self._wall, self._mono = time.time(), time.monotonic()
+
+    def __call__(self) -> float:
+        return self._wall + (time.monotonic() - self._mono)
+# STORES: every statement sent to a journal, and everything particular to SQLite.
 
 
-def _journal_error(what: str, exc: sqlite3.Error) -> JournalError:
-    code = getattr(exc, "sqlite_errorname", "").split("_")[:2]
-    advice = _ADVICE.get("_".join(code))
-    return JournalError(f"{what}: {exc}" + (f" ({advice})" if advice else ""))
+_Row = tuple[Any, ...]  # a step row, in the order of _SqliteJournal.STEP_COLUMNS
+_Outcome = tuple[str, str | None, str | None]  # a finished workflow's state, result, error
 
 
-def _connect(path: str, synchronous: str, busy_timeout: float, *,
-             create: bool = True) -> sqlite3.Connection:
-    """Open the journal, refuse a file that is not one, and bring its schema up to date.
-    With create=False an empty file is refused too, and left as it is."""
-    try:
-        # isolation_level=None: no implicit transactions; _transaction() opens them.
-        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                               check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise _journal_error(f"cannot open journal {path!r}", exc) from None
-    try:
+class _SqliteJournal:
+    """A journal in one SQLite file: one connection and every statement durable.py
+    sends it, each inside the one verb that runs it.
+
+    Writes run inside `transaction()`; a read of several statements inside
+    `snapshot()`. A verb that refuses (raises a DurableError) does so before it
+    writes. What the file itself fails with is in `failures`; `error()` turns it into
+    a JournalError with advice. Nothing outside this class calls `execute`, so a
+    second store (PostgreSQL) is a second class with the same verbs."""
+
+    failures: ClassVar[tuple[type[Exception], ...]] = (sqlite3.Error,)
+
+    # Each entry is one schema version; entry i takes a journal from version i to i + 1.
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
+        (
+            """CREATE TABLE workflows (
+                id          TEXT PRIMARY KEY,
+                name        TEXT NOT NULL,
+                input       TEXT NOT NULL,
+                input_hash  TEXT NOT NULL,
+                state       TEXT NOT NULL,
+                result      TEXT,
+                error       TEXT,
+                owner       TEXT,
+                created_at  REAL NOT NULL,
+                updated_at  REAL NOT NULL,
+                finished_at REAL
+            )""",
+            """CREATE INDEX workflows_unfinished ON workflows (state)
+                WHERE state IN ('pending', 'running')""",
+            """CREATE TABLE steps (
+                workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
+                seq         INTEGER NOT NULL,
+                name        TEXT NOT NULL,
+                state       TEXT NOT NULL,
+                attempts    INTEGER NOT NULL,
+                result      TEXT,
+                error       TEXT,
+                failures    TEXT,
+                started_at  REAL NOT NULL,
+                updated_at  REAL NOT NULL,
+                finished_at REAL,
+                PRIMARY KEY (workflow_id, seq)
+            ) WITHOUT ROWID""",
+            # One row per open Durable: its lease, renewed while it runs. A workflow whose
+            # owner's lease ran out (or whose owner has no row) may be taken over.
+            """CREATE TABLE owners (
+                id          TEXT PRIMARY KEY,
+                expires_at  REAL NOT NULL
+            ) WITHOUT ROWID""",
+        ),
+    )
+
+    # What to do about an SQLite error, by its primary result code.
+    ADVICE: ClassVar[dict[str, str]] = {
+        "SQLITE_READONLY": "the journal file or its folder is read-only; make both writable",
+        "SQLITE_CANTOPEN": "the journal cannot be opened; its folder must exist and be "
+                           "writable (WAL mode keeps -wal and -shm files beside it)",
+        "SQLITE_FULL": "the disk, or the journal's size limit, is full; free some space",
+        "SQLITE_BUSY": "another connection held the write lock longer than busy_timeout",
+        "SQLITE_LOCKED": "another connection held the write lock longer than busy_timeout",
+        "SQLITE_CORRUPT": "the journal file is damaged; restore it from a backup",
+        "SQLITE_NOTADB": "the file is not an SQLite database",
+        "SQLITE_IOERR": "the disk reported an I/O error",
+    }
+
+    def __init__(self, path: str, *, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 create: bool = True) -> None:
+        """Open the journal, refuse a file that is not one, and bring its schema up to
+        date. With create=False an empty file is refused too, and left as it is."""
+        self.path = path
+        try:
+            # isolation_level=None: no implicit transactions; transaction() opens them.
+            self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                         check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self.error(f"cannot open journal {path!r}", exc) from None
+        try:
+            self._open(synchronous, busy_timeout, create)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise self.error(f"cannot use journal {path!r}", exc) from None
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self, synchronous: str, busy_timeout: float, create: bool) -> None:
+        conn = self._conn
         # Wait this long for another process's write lock instead of failing at once.
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        version = _check_schema(conn, path)
+        version = self._schema_version()  # refuses a file that is not a journal, untouched
         if not create and version == 0:
-            raise JournalError(f"{path!r} is not a durable.py journal (it holds no journal "
-                               "yet); give the path of a journal a service has written")
+            raise JournalError(f"{self.path!r} is not a durable.py journal (it holds no "
+                               "journal yet); give the path of a journal a service has written")
         # WAL: readers never block the writer, the writer never blocks readers, and a
         # commit is one append to the log. https://www.sqlite.org/wal.html
-        conn.execute("PRAGMA journal_mode = WAL")
-        # FULL syncs the log at every commit (survives power loss); NORMAL syncs only
-        # at checkpoints (survives a process crash). https://www.sqlite.org/pragma.html#pragma_synchronous
+        self._wal(busy_timeout)
+        # FULL syncs the log at every commit (survives power loss); NORMAL syncs only at
+        # checkpoints (survives a process crash). https://www.sqlite.org/pragma.html#pragma_synchronous
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         # Steps are deleted with their workflow (ON DELETE CASCADE).
         conn.execute("PRAGMA foreign_keys = ON")
-        if version < len(_MIGRATIONS):
-            _migrate(conn, path)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise _journal_error(f"cannot use journal {path!r}", exc) from None
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+        if version < len(self.MIGRATIONS):
+            # Checked again under the write lock: processes opening a new file at once
+            # take turns, and only the first migrates.
+            with self.transaction():
+                version = self._schema_version()
+                if version == len(self.MIGRATIONS):
+                    return  # another process migrated it meanwhile
+                for statements in self.MIGRATIONS[version:]:
+                    for sql in statements:
+                        conn.execute(sql)
+                # PRAGMA takes no parameters; both values are this module's own integers.
+                conn.execute(f"PRAGMA user_version = {len(self.MIGRATIONS)}")
+                conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+
+    _SCHEMA = """SELECT (SELECT application_id FROM pragma_application_id),
+                        (SELECT user_version FROM pragma_user_version),
+                        (SELECT count(*) FROM sqlite_master)"""
+
+    def _schema_version(self) -> int:
+        """The journal's schema version (0: an empty file), read in one statement, so
+        that another process's migration is seen whole or not at all."""
+        try:
+            app_id, version, tables = self._conn.execute(self._SCHEMA).fetchone()
+        except sqlite3.OperationalError as exc:  # locked, or cannot be opened as it should
+            raise self.error(f"cannot use journal {self.path!r}", exc) from None
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.path!r} is not a durable.py journal ({exc}); give "
+                               "Durable a new file or the journal you meant") from None
+        if app_id != _APPLICATION_ID and (app_id or version or tables):
+            raise JournalError(f"{self.path!r} is a SQLite database but not a durable.py "
+                               "journal; keep the journal in a file of its own")
+        if version > len(self.MIGRATIONS):
+            raise JournalError(
+                f"journal {self.path!r} has schema version {version}, newer than this "
+                f"durable.py {__version__} knows ({len(self.MIGRATIONS)}); upgrade durable.py "
+                "to open it")
+        return int(version)
+
+    def _wal(self, busy_timeout: float) -> None:
+        # Switching a new file to WAL needs it to itself for a moment, and SQLite answers
+        # SQLITE_BUSY at once rather than wait on the busy handler: wait here instead.
+        deadline, pause = time.monotonic() + busy_timeout, 0.001
+        while True:
+            try:
+                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorname", "") != "SQLITE_BUSY" \
+                        or time.monotonic() > deadline:
+                    raise
+            else:
+                if str(mode).lower() == "wal":
+                    return
+                if time.monotonic() > deadline:
+                    raise JournalError(f"journal {self.path!r} cannot be switched to WAL mode "
+                                       f"(it stays in {mode!r}); keep it on a local disk")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def error(self, what: str, exc: Exception) -> JournalError:
+        """A JournalError for `exc`, one of `failures`, with what to do about it."""
+        code = getattr(exc, "sqlite_errorname", "").split("_")[:2]
+        advice = self.ADVICE.get("_".join(code))
+        return JournalError(f"{what}: {exc}" + (f" ({advice})" if advice else ""))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The one way into a write transaction: BEGIN IMMEDIATE takes the write lock up
+        front (waiting up to busy_timeout), so a transaction never fails halfway for
+        want of it. Any exception rolls everything back."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Several reads that see one state of the journal."""
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
+    def pragma(self, name: str) -> Any:
+        """A setting of the connection (for tests and the command line)."""
+        if not name.isidentifier():
+            raise InvalidInput(f"not a pragma: {name!r}")
+        return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+    # Workflows: run()'s insert, one at a time or many in two statements.
+
+    _INSERT = """
+        INSERT INTO workflows (id, name, input, input_hash, state, owner, created_at,
+                               updated_at)
+        VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)
+        ON CONFLICT (id) DO NOTHING"""
+    _IDENTITY = "SELECT name, input_hash, state, owner FROM workflows WHERE id = ?"
+    # Many at once: the ids, and the new rows, as one JSON array each, so the statements'
+    # text never changes with their number (the statement cache keeps two, not hundreds).
+    _IDENTITIES = """
+        SELECT id, name, input_hash, state, owner FROM workflows
+        WHERE id IN (SELECT value FROM json_each(?))"""
+    _INSERT_MANY = """
+        INSERT INTO workflows (id, name, input, input_hash, state, owner, created_at,
+                               updated_at)
+        SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+               json_extract(value, '$[2]'), json_extract(value, '$[3]'), 'pending',
+               json_extract(value, '$[4]'), ?, ?
+        FROM json_each(?) WHERE true"""
+
+    def insert(self, workflow_id: str, name: str, text: str, digest: str, owner: str,
+               now: float) -> bool:
+        """Record a new pending workflow; False (changing nothing) if the id is taken."""
+        values = (workflow_id, name, text, digest, owner, now, now)
+        return bool(self._conn.execute(self._INSERT, values).rowcount)
+
+    def identity(self, workflow_id: str) -> tuple[str, str, str, str | None] | None:
+        """(name, input hash, state, owner) of a recorded workflow."""
+        row = self._conn.execute(self._IDENTITY, (workflow_id,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def identities(self, ids: list[str]) -> dict[str, tuple[str, str, str, str | None]]:
+        return {wf_id: (name, digest, state, owner) for wf_id, name, digest, state, owner
+                in self._conn.execute(self._IDENTITIES, (_dumps(ids),))}
+
+    def insert_many(self, rows: list[tuple[str, str, str, str, str]], now: float) -> None:
+        """Record new workflows (id, name, input, hash, owner): ids known to be free."""
+        self._conn.execute(self._INSERT_MANY, (now, now, _dumps(rows)))
+
+    # Checkpoints: step rows and a workflow's end, fenced on its holder.
+
+    # Fencing: every checkpoint matches only while the writer holds the workflow and the
+    # workflow is unfinished. A workflow's first checkpoint in a process marks it running;
+    # later ones write their step rows only under the same condition (one statement).
+    _TOUCH = """
+        UPDATE workflows SET state = 'running', updated_at = ?
+        WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
+    _FINISH = """
+        UPDATE workflows SET state = ?, result = ?, error = ?, updated_at = ?, finished_at = ?
+        WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
+    # A step row written whole: the start of an attempt, or the step's end. An existing
+    # row keeps its name and first start. `failures` is a JSON list of the step's failed
+    # attempts (attempt, times, error); a durable sleep's result is its wake time.
+    STEP_COLUMNS = ("workflow_id, seq, name, state, attempts, result, error, failures, "
+                    "started_at, updated_at, finished_at")
+    _STEP_WIDTH = 11
+    _STEP_UPSERT = """
+        ON CONFLICT (workflow_id, seq) DO UPDATE SET
+            state = excluded.state, attempts = excluded.attempts, result = excluded.result,
+            error = excluded.error, failures = excluded.failures,
+            updated_at = excluded.updated_at, finished_at = excluded.finished_at"""
+
+    @staticmethod
+    @functools.lru_cache(maxsize=32)
+    def _put_steps(count: int, fenced: bool) -> str:
+        """SQL writing `count` step rows; fenced: only while (id, owner) holds the
+        workflow unfinished (the two last parameters), so zero rows change otherwise."""
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count)
+        columns, upsert = _SqliteJournal.STEP_COLUMNS, _SqliteJournal._STEP_UPSERT
+        if not fenced:
+            return f"INSERT INTO steps ({columns}) VALUES {values} {upsert}"
+        return (f"INSERT INTO steps ({columns}) SELECT * FROM (VALUES {values}) "
+                "WHERE EXISTS (SELECT 1 FROM workflows WHERE id = ? AND owner = ? "
+                f"AND state IN ('pending', 'running')) {upsert}")
+
+    def checkpoint(self, workflow_id: str, owner: str, rows: list[_Row],
+                   outcome: _Outcome | None, touch: bool, now: float) -> bool:
+        """Write step `rows` and the workflow's `outcome` (if any) only if `owner` holds
+        the workflow unfinished; `touch` marks it running first. False, writing nothing,
+        when it does not hold it."""
+        conn = self._conn
+        if outcome is not None or touch:
+            fence = (conn.execute(self._FINISH, (*outcome, now, now, workflow_id, owner))
+                     if outcome is not None
+                     else conn.execute(self._TOUCH, (now, workflow_id, owner)))
+            if fence.rowcount != 1:
+                return False
+            fenced = False
+        else:
+            fenced = True
+        per = len(rows) or 1
+        if per * self._STEP_WIDTH > 997:
+            # A wide fan-out writes thousands: as many a statement as it may bind (999
+            # before SQLite 3.32, 32,766 in stock builds since). https://www.sqlite.org/limits.html
+            limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            per = max(1, (limit - 2) // self._STEP_WIDTH)
+        for first in range(0, len(rows), per):
+            part = rows[first:first + per]
+            flat = tuple(itertools.chain.from_iterable(part))
+            if fenced:  # the first statement checks the fence for the transaction
+                if conn.execute(self._put_steps(len(part), True),
+                                (*flat, workflow_id, owner)).rowcount != len(part):
+                    return False
+                fenced = False
+            else:
+                conn.execute(self._put_steps(len(part), False), flat)
+        return True
+
+    # Reads of one workflow.
+
+    _OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
+    _STATE = "SELECT state, owner FROM workflows WHERE id = ?"
+    _WORKFLOW = """
+        SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
+               w.finished_at, w.owner, o.expires_at
+        FROM workflows w LEFT JOIN owners o ON o.id = w.owner WHERE w.id = ?"""
+    _STEPS = """
+        SELECT seq, name, state, attempts, result, error, failures, started_at, updated_at,
+               finished_at
+        FROM steps WHERE workflow_id = ? ORDER BY seq"""
+
+    def outcome(self, workflow_id: str) -> _Outcome | None:
+        """(state, result, error) of a workflow, None for an unknown id."""
+        row = self._conn.execute(self._OUTCOME, (workflow_id,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def state(self, workflow_id: str) -> tuple[str, str | None] | None:
+        """(state, owner) of a workflow, None for an unknown id."""
+        row = self._conn.execute(self._STATE, (workflow_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def status(self, workflow_id: str) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
+        """A workflow's row (id, name, state, result, error, created, updated, finished,
+        owner, lease end) and its step rows, from one snapshot."""
+        with self.snapshot():
+            row = self._conn.execute(self._WORKFLOW, (workflow_id,)).fetchone()
+            steps = self._conn.execute(self._STEPS, (workflow_id,)).fetchall()
+        return row, steps
+
+    _LIST = """
+        SELECT w.id, w.name, w.state, w.created_at, w.updated_at, w.finished_at,
+               (SELECT count(*) FROM steps s WHERE s.workflow_id = w.id)
+        FROM workflows w WHERE (? IS NULL OR w.state = ?)
+        ORDER BY w.created_at DESC LIMIT ?"""
+
+    def listing(self, state: str | None, limit: int) -> list[tuple[Any, ...]]:
+        """Newest first: (id, name, state, created, updated, finished, step count)."""
+        return self._conn.execute(self._LIST, (state, state, limit)).fetchall()
+
+    # Operating: cancel, retry, prune (in a write transaction).
+
+    _CANCEL = """
+        UPDATE workflows SET state = 'cancelled', error = ?, updated_at = ?, finished_at = ?
+        WHERE id = ? AND state IN ('pending', 'running')"""
+    _LAST_FAILED = "SELECT max(seq) FROM steps WHERE workflow_id = ? AND state = 'failed'"
+    _DELETE_STEPS_FROM = "DELETE FROM steps WHERE workflow_id = ? AND seq >= ?"
+    _REOPEN = """
+        UPDATE workflows SET state = 'pending', result = NULL, error = NULL,
+                             finished_at = NULL, owner = NULL, updated_at = ?
+        WHERE id = ? AND state = 'failed'"""
+    _PRUNE = """
+        DELETE FROM workflows WHERE rowid IN (
+            SELECT rowid FROM workflows
+            WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ? LIMIT ?)"""
+
+    def cancel(self, workflow_id: str, error: str, now: float) -> bool:
+        return bool(self._conn.execute(self._CANCEL, (error, now, now, workflow_id)).rowcount)
+
+    def last_failed_step(self, workflow_id: str) -> int | None:
+        seq = self._conn.execute(self._LAST_FAILED, (workflow_id,)).fetchone()[0]
+        return None if seq is None else int(seq)
+
+    def reopen(self, workflow_id: str, from_seq: int | None, now: float) -> None:
+        """A failed workflow pending again, held by nobody, its steps from `from_seq` on
+        dropped."""
+        if from_seq is not None:
+            self._conn.execute(self._DELETE_STEPS_FROM, (workflow_id, from_seq))
+        self._conn.execute(self._REOPEN, (now, workflow_id))
+
+    def prune(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` workflows (and, by cascade, their steps) that finished
+        before `cutoff`."""
+        return int(self._conn.execute(self._PRUNE, (cutoff, limit)).rowcount)
+
+    # Holders: leases, claims, release.
+
+    _RENEW = """
+        INSERT INTO owners (id, expires_at) VALUES (?, ?)
+        ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"""
+    _FORGET_OWNERS = """
+        DELETE FROM owners WHERE expires_at < ? AND id NOT IN (
+            SELECT owner FROM workflows
+            WHERE state IN ('pending', 'running') AND owner IS NOT NULL)"""
+    _DELETE_OWNER = "DELETE FROM owners WHERE id = ?"
+    _ORPHANS = """
+        SELECT w.id, w.name, w.owner, o.expires_at
+        FROM workflows w LEFT JOIN owners o ON o.id = w.owner
+        WHERE w.state IN ('pending', 'running') AND (w.owner IS NULL OR w.owner != ?)"""
+    # Takes a workflow from the owner seen a moment ago, only if that owner is still its
+    # owner and is known dead (first ?) or holds no live lease (second ?: now).
+    _CLAIM = """
+        UPDATE workflows SET owner = ?, updated_at = ?
+        WHERE id = ? AND owner IS ? AND state IN ('pending', 'running')
+          AND (? OR owner IS NULL OR NOT EXISTS (
+              SELECT 1 FROM owners WHERE owners.id = workflows.owner
+                                     AND owners.expires_at >= ?))"""
+    _OWNED = """
+        SELECT id, name, input FROM workflows
+        WHERE owner = ? AND state IN ('pending', 'running')"""
+    _OWNED_STEPS = """
+        SELECT s.workflow_id, s.seq, s.name, s.state, s.attempts, s.result, s.error,
+               s.failures, s.updated_at
+        FROM steps s JOIN workflows w ON w.id = s.workflow_id
+        WHERE w.owner = ? AND w.state IN ('pending', 'running')"""
+    _INPUT = "SELECT id, name, input FROM workflows WHERE id = ?"
+    _REPLAY = """
+        SELECT workflow_id, seq, name, state, attempts, result, error, failures, updated_at
+        FROM steps WHERE workflow_id = ?"""
+    _RELEASE = """
+        UPDATE workflows SET owner = NULL
+        WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
+
+    def renew(self, owner: str, expires_at: float, forget_before: float | None) -> None:
+        """Renew `owner`'s lease; with `forget_before`, drop the leases of processes
+        gone since then that hold nothing."""
+        self._conn.execute(self._RENEW, (owner, expires_at))
+        if forget_before is not None:
+            self._conn.execute(self._FORGET_OWNERS, (forget_before,))
+
+    def orphans(self, owner: str) -> list[tuple[str, str, str | None, float | None]]:
+        """Unfinished workflows not held by `owner`: (id, name, owner, its lease end)."""
+        return self._conn.execute(self._ORPHANS, (owner,)).fetchall()
+
+    def claim(self, owner: str, workflow_id: str, seen: str | None, dead: bool,
+              now: float) -> bool:
+        """Take a workflow from the holder `seen` a moment ago, if that one still holds
+        it and is `dead` or holds no lease alive at `now`."""
+        return bool(self._conn.execute(
+            self._CLAIM, (owner, now, workflow_id, seen, dead, now)).rowcount)
+
+    def load(self, owner: str, ids: list[str]) -> tuple[list[tuple[str, str, str]],
+                                                        list[tuple[Any, ...]]]:
+        """The workflows `ids` held by `owner`: (id, name, input) rows, and their step
+        rows (id, seq, name, state, attempts, result, error, failures, updated)."""
+        with self.snapshot():
+            if len(ids) > 64:  # many: two scans beat a query per workflow
+                return (self._conn.execute(self._OWNED, (owner,)).fetchall(),
+                        self._conn.execute(self._OWNED_STEPS, (owner,)).fetchall())
+            workflows, steps = [], []
+            for wf_id in ids:
+                workflows += self._conn.execute(self._INPUT, (wf_id,)).fetchall()
+                steps += self._conn.execute(self._REPLAY, (wf_id,)).fetchall()
+            return workflows, steps
+
+    def release(self, owner: str, keep: set[str], expires_at: float) -> None:
+        """Hand back every unfinished workflow `owner` holds, but those in `keep`; its
+        lease then ends, or, while it keeps some, runs until `expires_at`."""
+        owned = [row[0] for row in self._conn.execute(self._OWNED, (owner,))]
+        self._conn.executemany(self._RELEASE, [(i, owner) for i in owned if i not in keep])
+        if keep:
+            self._conn.execute(self._RENEW, (owner, expires_at))
+        else:
+            self._conn.execute(self._DELETE_OWNER, (owner,))
 
 
-def _check_schema(conn: sqlite3.Connection, path: str) -> int:
-    try:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-    except sqlite3.OperationalError as exc:  # locked, or cannot be opened as it should
-        raise _journal_error(f"cannot use journal {path!r}", exc) from None
-    except sqlite3.DatabaseError as exc:
-        raise JournalError(
-            f"{path!r} is not a durable.py journal ({exc}); give Durable a new file "
-            "or the journal you meant"
-        ) from None
-    if app_id != _APPLICATION_ID and (app_id or version or tables):
-        raise JournalError(
-            f"{path!r} is a SQLite database but not a durable.py journal; "
-            "keep the journal in a file of its own"
-        )
-    if version > len(_MIGRATIONS):
-        raise JournalError(
-            f"journal {path!r} has schema version {version}, newer than this durable.py "
-            f"{__version__} knows ({len(_MIGRATIONS)}); upgrade durable.py to open it"
-        )
-    return int(version)
+# OPERATIONS: the rules around the store's verbs, used by Durable and the command line.
 
 
-def _migrate(conn: sqlite3.Connection, path: str) -> None:
-    with _transaction(conn):
-        version = _check_schema(conn, path)  # again: another process may have migrated
-        for statements in _MIGRATIONS[version:]:
-            for sql in statements:
-                conn.execute(sql)
-        # PRAGMA takes no parameters; both values are this module's own integers.
-        conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
-        conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+def _why_fenced(journal: _SqliteJournal, workflow_id: str) -> _Fenced:
+    row = journal.state(workflow_id)
+    if row is None:
+        return _Fenced(workflow_id, "it was pruned from the journal")
+    if row[0] == "cancelled":
+        return _Fenced(workflow_id, "it was cancelled", logging.INFO)
+    if row[0] in _FINISHED:
+        return _Fenced(workflow_id, f"it is {row[0]} already")
+    return _Fenced(workflow_id, "another process took it over (this one was paused, stuck "
+                                "or cut off past its lease)")
 
 
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """The one way into a write transaction: BEGIN IMMEDIATE takes the write lock up
-    front (waiting up to busy_timeout), so a transaction never fails halfway for
-    want of it. Any exception rolls everything back."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+def _read_status(journal: _SqliteJournal, workflow_id: str) -> Status:
+    row, steps = journal.status(workflow_id)
+    if row is None:
+        raise NotFound(f"no workflow has id {workflow_id!r}")
+    wf_id, name, state, result, error, created, updated, finished, owner, expires = row
+    return Status(
+        wf_id, name, state, _loads(result, wf_id), _loads(error, wf_id), created, updated,
+        finished,
+        tuple(StepRecord(seq, step, st, attempts, _loads(res, wf_id), _loads(err, wf_id),
+                         tuple(_loads(fails, wf_id) or ()), started, step_updated,
+                         step_finished)
+              for seq, step, st, attempts, res, err, fails, started, step_updated,
+              step_finished in steps),
+        owner, expires,
+    )
 
 
-_Op = Callable[[sqlite3.Connection], Any]
-_Row = tuple[Any, ...]  # a step row, in the order of _STEP_COLUMNS
-_Outcome = tuple[str, str | None, str | None]  # a finished workflow's state, result, error
+def _cancel(journal: _SqliteJournal, workflow_id: str) -> bool:
+    """In a write transaction: cancel the workflow; False if it had finished already."""
+    row = journal.state(workflow_id)
+    if row is None:
+        raise NotFound(f"no workflow has id {workflow_id!r}")
+    if row[0] in _FINISHED:
+        return False
+    error = _dumps({"type": "WorkflowCancelled", "message": "cancelled by request"})
+    return journal.cancel(workflow_id, error, time.time())
+
+
+def _retry(journal: _SqliteJournal, workflow_id: str) -> int:
+    """In a write transaction: put a failed workflow back to run, from its last failed
+    step (dropped from the journal with the steps after it: fresh attempts). Returns
+    that step's position, or 0 when no step failed (it replays from the top). The
+    steps before it are not run again, so a workflow that compensated them (released
+    what it reserved) must be started anew under a new id instead."""
+    row = journal.state(workflow_id)
+    if row is None:
+        raise NotFound(f"no workflow has id {workflow_id!r}")
+    if row[0] != "failed":
+        raise InvalidInput(f"workflow {workflow_id!r} is {row[0]}; only a failed workflow "
+                           "can be retried")
+    seq = journal.last_failed_step(workflow_id)
+    journal.reopen(workflow_id, seq, time.time())
+    return seq or 0
+
+
+def _prune(journal: _SqliteJournal, cutoff: float, limit: int) -> int:
+    """In a write transaction: delete up to `limit` workflows finished before `cutoff`.
+    Unfinished workflows are never touched."""
+    return journal.prune(cutoff, limit)
+
+
+# GROUP COMMIT: the writer thread, and the writes it commits.
+
+
+_Op = Callable[[_SqliteJournal], Any]
 
 
 class _Writer:
@@ -561,18 +1010,20 @@ class _Writer:
     commits them in one transaction, so they share one fsync (group commit). A step
     thread may commit its own checkpoint in place (`commit_here`) when no batch is
     being committed, taking whatever else is queued along; when one is, it queues and
-    waits like everyone else. An operation may refuse (raise) only before it writes
-    anything: its caller gets the exception and the others stand. An SQLite error
-    fails the whole batch, rolled back, and every caller in it gets a JournalError.
-    Each caller resumes only after its commit returned.
+    waits like everyone else. That is the one rule for who commits: the writer
+    thread, or a thread that finds it idle. An operation may refuse (raise) only
+    before it writes anything: its caller gets the exception and the others stand. A
+    failure of the journal fails the whole batch, rolled back, and every caller in it
+    gets a JournalError. Each caller resumes only after its commit returned.
     """
 
-    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
-        self._conn = conn
+    def __init__(self, journal: _SqliteJournal, loop: asyncio.AbstractEventLoop) -> None:
+        self.journal = journal
         self._loop = loop
         # Writes wait here in order, and leave only under _lock, in that order: so one
         # workflow's writes commit in the order it queued them, whoever commits them.
-        self._queue: collections.deque[tuple[_Op, _Target] | None] = collections.deque()
+        self._queue: collections.deque[tuple[_Op, _Target | None] | None] = \
+            collections.deque()
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()  # one per queued item
         self._lock = threading.Lock()  # held while a batch commits
         self._gate = threading.Lock()  # orders queueing against stopping
@@ -649,34 +1100,38 @@ class _Writer:
         return outcomes[:mine]
 
     def _commit(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        journal = self.journal
         outcomes: list[tuple[bool, Any]] = []
         try:
-            with _transaction(self._conn) as conn:
+            with journal.transaction():
                 # run()'s inserts go first, all together: two statements for any number.
                 inserts = [op for op in ops if isinstance(op, _Insert)]
                 together: list[tuple[bool, Any]] = []
                 if len(inserts) > 1:
                     try:
-                        together = _Insert.all(conn, inserts)
-                    except Exception as exc:
-                        if isinstance(exc, sqlite3.Error):
-                            raise
-                        together = [(False, exc)] * len(inserts)  # refused before writing
+                        together = _Insert.all(journal, inserts)
+                    except journal.failures:
+                        raise
+                    except Exception as exc:  # refused before writing
+                        together = [(False, exc)] * len(inserts)
                 inserted = iter(together)
                 for op in ops:
                     if len(inserts) > 1 and isinstance(op, _Insert):
                         outcomes.append(next(inserted))
                         continue
                     try:
-                        outcomes.append((True, op(conn)))
+                        outcomes.append((True, op(journal)))
+                    except journal.failures:
+                        raise  # the journal failed: the whole batch is rolled back
                     except (Exception, _Interrupted) as exc:
-                        if isinstance(exc, sqlite3.Error):
-                            raise  # the journal failed: the whole batch is rolled back
                         # An op refuses (conflict, fenced, not found) before it writes,
                         # so the others in the batch stand.
                         outcomes.append((False, exc))
-        except sqlite3.Error as exc:  # nothing of the batch was committed
-            error = _journal_error("journal write failed", exc)
+        except journal.failures as exc:  # nothing of the batch was committed
+            error = journal.error("journal write failed", exc)
+            for op in ops:
+                if isinstance(op, _Checkpoint):  # before any later write of its workflow
+                    op.failed(error)
             return [(False, error)] * len(ops)
         return outcomes
 
@@ -694,15 +1149,17 @@ class _Insert:
         self.id, self.name, self.text, self.digest, self.owner = (
             workflow_id, name, text, digest, owner)
 
-    def __call__(self, conn: sqlite3.Connection) -> tuple[bool, str, str | None]:
-        now = time.time()
-        values = (self.id, self.name, self.text, self.digest, self.owner, now, now)
-        if conn.execute(_INSERT_WORKFLOW, values).rowcount:
+    def __call__(self, journal: _SqliteJournal) -> tuple[bool, str, str | None]:
+        if journal.insert(self.id, self.name, self.text, self.digest, self.owner, time.time()):
             return True, "pending", self.owner
-        return self._known(*conn.execute(_SELECT_IDENTITY, (self.id,)).fetchone())
+        known = journal.identity(self.id)
+        assert known is not None  # the insert found it, in this transaction
+        return self.known(*known)
 
-    def _known(self, name: str, digest: str, state: str,
-               owner: str | None) -> tuple[bool, str, str | None]:
+    def known(self, name: str, digest: str, state: str,
+              owner: str | None) -> tuple[bool, str, str | None]:
+        """The answer for the workflow recorded under this id: (False, state, owner),
+        or IdempotencyConflict."""
         if name != self.name:
             raise IdempotencyConflict(
                 f"workflow {self.id!r} already exists as {name!r}, not {self.name!r}; "
@@ -714,21 +1171,15 @@ class _Insert:
         return False, state, owner
 
     @staticmethod
-    def all(conn: sqlite3.Connection, inserts: list[_Insert]) -> list[tuple[bool, Any]]:
-        """Write `inserts` as if one after another; (ok, result or refusal) for each.
-        The ids and rows travel as one JSON parameter, so the statements' text never
-        changes with their number (SQLite's statement cache keeps two, not hundreds)."""
-        ids = _dumps(list(dict.fromkeys(insert.id for insert in inserts)))
-        known: dict[str, tuple[str, str, str, str | None]] = {
-            wf_id: (name, digest, state, owner)
-            for wf_id, name, digest, state, owner in conn.execute(_SELECT_IDENTITIES, (ids,))}
-        now = time.time()
+    def all(journal: _SqliteJournal, inserts: list[_Insert]) -> list[tuple[bool, Any]]:
+        """Write `inserts` as if one after another; (ok, result or refusal) for each."""
+        known = journal.identities(list(dict.fromkeys(insert.id for insert in inserts)))
         outcomes: list[tuple[bool, Any]] = []
         new: list[tuple[str, str, str, str, str]] = []
         for insert in inserts:
             if insert.id in known:
                 try:
-                    outcomes.append((True, insert._known(*known[insert.id])))
+                    outcomes.append((True, insert.known(*known[insert.id])))
                 except IdempotencyConflict as exc:
                     outcomes.append((False, exc))
             else:
@@ -736,7 +1187,7 @@ class _Insert:
                 new.append((insert.id, insert.name, insert.text, insert.digest, insert.owner))
                 outcomes.append((True, (True, "pending", insert.owner)))
         if new:
-            conn.execute(_INSERT_WORKFLOWS, (now, now, _dumps(new)))
+            journal.insert_many(new, time.time())
         return outcomes
 
 
@@ -787,6 +1238,27 @@ def _deliver(loop: asyncio.AbstractEventLoop, targets: list[_Target],
             loop.call_soon_threadsafe(_settle, futures, results)
 
 
+def _settle(futures: list[asyncio.Future[Any] | _Then],
+            outcomes: list[tuple[bool, Any]]) -> None:
+    for target, (ok, value) in zip(futures, outcomes, strict=True):
+        if isinstance(target, _Then):
+            try:
+                target.callback(ok, value)
+            except Exception:  # a bug: the other callers in the batch still get theirs
+                _log.exception("a callback on a committed write failed")
+            target = target.future
+        future = target
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+# STEP THREADS: the pool that runs sync steps.
+
+
 class _StepThreads:
     """Worker threads for sync steps, started as needed up to `size`. Lighter than a
     ThreadPoolExecutor (no concurrent.futures.Future per call): each outcome goes
@@ -831,7 +1303,7 @@ class _StepThreads:
             while True:
                 item = self._queue.get_nowait()
                 if item is not None:
-                    _, _, _, _, done, _, _ = item
+                    done = item[4]
                     with self._lock:
                         self._busy -= 1
                     done(False, DurableError("the journal is closed"))
@@ -856,7 +1328,7 @@ class _StepThreads:
                     try:
                         value = after(value)
                     except BaseException as exc:  # a bug: fail the workflow, not the thread
-                        value = _Ahead(None, error=exc)
+                        value = _Handback(raised=exc)
             with self._lock:
                 self._busy -= 1
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -864,8 +1336,306 @@ class _StepThreads:
         self._queue.put(None)  # let the next worker see the end too
 
 
+class _BeginFailed(Exception):
+    """A step's checkpoint failed in its step thread; the step did not run."""
+
+
+class _Checkpoint:
+    """A workflow's write: step `rows` and, if given, its `outcome`, fenced on this
+    process holding it unfinished; `touch` marks it running first. Once a batch
+    holding one of a workflow's writes failed, its later writes refuse: no checkpoint
+    of a workflow commits after an earlier one of it was lost."""
+
+    __slots__ = ("outcome", "rows", "run", "touch")
+
+    def __init__(self, run: _Run, rows: list[_Row], outcome: _Outcome | None,
+                 touch: bool) -> None:
+        self.run, self.rows, self.outcome, self.touch = run, rows, outcome, touch
+
+    def __call__(self, journal: _SqliteJournal) -> None:
+        run = self.run
+        if run.lost is not None:
+            raise _Interrupted(run.lost)
+        if not journal.checkpoint(run.id, run.owner, self.rows, self.outcome, self.touch,
+                                  time.time()):
+            raise _why_fenced(journal, run.id)
+
+    def failed(self, error: JournalError) -> None:
+        """In the writer thread, as the batch holding this write is rolled back."""
+        if self.run.lost is None:
+            self.run.lost = error
+
+
+# A WORKFLOW HERE: one object per workflow running in this process.
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a failure here is seen again by the workflow's next write
+
+
+class _Run:
+    """Everything this process knows of one workflow it runs.
+
+    Who changes what, and when:
+    - never, once made: durable, workflow, id, owner, retry, text, context, vars;
+    - the workflow's code, wherever it runs (on the event loop, or in a step thread
+      going on with it while the loop waits for that thread: one place at a time):
+      journal, seq, pending, touched;
+    - the event loop only: gen (a step thread reads it), task, inflight, flush_due,
+      napping, waiters, outcome, steps_due, threads;
+    - stop: the loop (cancel, close, a fence seen by the maintenance tick) or the
+      workflow's code (a write failed, the code no longer matches its journal);
+      read anywhere;
+    - lost: the writer thread, when a batch holding one of its writes failed, before
+      it commits anything later; read by the writer and the workflow's code;
+    - new: the step thread that commits run()'s insert (Durable._run_at_once).
+    """
+
+    __slots__ = ("context", "durable", "flush_due", "gen", "id", "inflight", "journal",
+                 "lost", "napping", "new", "outcome", "owner", "pending", "retry", "seq",
+                 "steps_due", "stop", "task", "text", "threads", "touched", "vars", "waiters",
+                 "workflow")
+
+    def __init__(self, durable: Durable, workflow: _Workflow, workflow_id: str, text: str,
+                 journal: dict[int, _JournaledStep]) -> None:
+        self.durable = durable
+        self.workflow = workflow
+        self.id = workflow_id
+        self.owner = durable._owner
+        self.retry = workflow.retry or durable._default_retry
+        self.text = text  # its input, as journaled
+        self.context = Context(self)
+        # A generator workflow's code runs in this one context wherever it runs (on the
+        # loop, in a step thread), one place at a time: what it sets, and the tokens to
+        # reset it, stay valid throughout. A copy of the context it was started from.
+        self.vars = contextvars.copy_context()
+        self.journal = journal  # steps recorded before this (re)start, consumed by replay
+        self.seq = 0
+        self.pending: list[_Row] = []  # finished steps, written with the next checkpoint
+        self.touched = False  # whether a checkpoint has marked the workflow running yet
+        self.gen: Generator[Any, Any, Any] | None = None  # a generator workflow's, in _drive
+        self.task: asyncio.Task[_Outcome | None] | None = None
+        self.inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
+        self.flush_due = False
+        self.napping: asyncio.Future[None] | None = None
+        self.waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
+        self.outcome: _Outcome | None = None  # committed when the workflow ended here
+        self.steps_due = 0  # step threads' outcomes awaited (close() lets them arrive)
+        self.threads = 0  # its sync steps in threads, until they return (even if stopped)
+        self.stop: BaseException | None = None
+        self.lost: JournalError | None = None
+        self.new = True  # False while run()'s insert has not said the workflow is new
+
+    @property
+    def fenced(self) -> bool:
+        return isinstance(self.stop, _Fenced)
+
+    def halt(self, reason: _Interrupted) -> None:
+        """Stop the workflow at its next step, checkpoint or wake-up (cancel, close)."""
+        self.stop = reason
+        for future in (self.napping, *self.waiters):
+            if future is not None:
+                _wake(future)
+
+    def ended(self, outcome: _Outcome | None) -> _Outcome | None:
+        """The workflow's task ends with `outcome` committed (None: unfinished): hand
+        it to the result() calls waiting, which need neither the task nor the journal."""
+        self.outcome = outcome
+        for future in self.waiters:
+            _wake(future)
+        return outcome
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep, unless the workflow is stopped first."""
+        if seconds > 0 and self.stop is None and not self.durable._closing:
+            loop = asyncio.get_running_loop()
+            self.napping = loop.create_future()
+            timer = loop.call_later(seconds, _wake, self.napping)
+            try:
+                await self.napping
+            finally:
+                timer.cancel()
+                self.napping = None
+        if isinstance(self.stop, _Interrupted):
+            raise self.stop
+
+    def check_writable(self) -> None:
+        if isinstance(self.stop, _Interrupted):
+            raise self.stop
+        if self.lost is not None:
+            self.write_failed(self.lost)
+        if self.durable._closing:
+            self.halt(_Interrupted("the journal is closing"))
+            raise self.stop  # type: ignore[misc]
+
+    def stop_if_closing(self, row: _Row) -> None:
+        """While closing (which waited for this step), keep the step's `row` for
+        record_pending to commit, and stop the workflow here."""
+        if self.durable._closing:
+            self.pending.append(row)
+            self.check_writable()
+
+    def write_failed(self, exc: BaseException) -> NoReturn:
+        if not isinstance(self.stop, _Interrupted):  # a stop (cancel, close) says why
+            self.stop = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
+        raise self.stop from None
+
+    async def write(self, rows: list[_Row], outcome: _Outcome | None = None) -> None:
+        """Commit step `rows` (after any deferred ones) and the workflow's `outcome`, if
+        this process still holds the workflow; otherwise stop it with _Interrupted."""
+        self.check_writable()
+        future = self.durable._open_writer().submit(_checkpoint(self, rows, outcome))
+        future.add_done_callback(_retrieve)
+        inflight, self.inflight = self.inflight, []
+        try:
+            for earlier in inflight:  # committed no later than `future`, in queue order
+                await earlier
+            await future
+        except (DurableError, _Interrupted) as exc:
+            self.write_failed(exc)
+
+    async def record_pending(self) -> None:
+        """Commit the finished steps not yet written, fenced, even while closing: a step
+        that returned is not to run again at the next start."""
+        if self.pending and not self.fenced:
+            with contextlib.suppress(DurableError, _Interrupted):
+                await self.durable._open_writer().submit(_checkpoint(self, []))
+
+    def defer(self, row: _Row) -> None:
+        """Write a finished step's row with the next checkpoint: the next step cannot
+        start before it is durable."""
+        self.pending.append(row)
+        if not self.flush_due:
+            self.flush_due = True
+            # Runs only if the workflow awaits something other than a step first.
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_due = False
+        if self.pending and self.stop is None:
+            future = self.durable._open_writer().submit(_checkpoint(self, []))
+            future.add_done_callback(_retrieve)
+            self.inflight.append(future)
+
+
+# STEP MACHINE: the rules of a step and of a workflow's end, written once. Plain
+# functions: no await, no thread of their own; both drivers below call them.
+
+
+class _Step:
+    """One step call of a workflow, from its place in the journal to its verdict."""
+
+    __slots__ = ("attempt", "call", "error", "failures", "history", "policy", "run", "seq",
+                 "start")
+
+    def __init__(self, run: _Run, call: _StepCall, seq: int) -> None:
+        self.run, self.call, self.seq = run, call, seq
+        self.policy = call.retry or run.retry
+        self.attempt = 0  # attempts begun so far, in this life and earlier ones
+        self.failures: list[dict[str, Any]] = []  # failed attempts: attempt, times, error
+        self.error: dict[str, Any] = {}  # the last failed attempt's
+        self.start = 0.0  # when the current attempt began
+        self.history: str | None = None  # `failures` as journaled by the current attempt
+
+
+class _Replayed:
+    """A step call answered from the journal: its recorded result, or StepFailed."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: StepFailed | None = None) -> None:
+        self.value, self.error = value, error
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+_Verdict = tuple[Literal["done", "retry", "failed"], _Row, Any]
+
+
+def _checkpoint(run: _Run, rows: list[_Row], outcome: _Outcome | None = None) -> _Checkpoint:
+    """The write of `rows` after the deferred ones and, if given, the outcome."""
+    rows, run.pending = run.pending + rows, []
+    touch, run.touched = not run.touched, True
+    return _Checkpoint(run, rows, outcome, touch)
+
+
+def _next(run: _Run, call: _StepCall | _SleepCall) -> tuple[int, _JournaledStep | None]:
+    """The call's position, and its record from before this (re)start, if any."""
+    if call.run is not run:
+        raise InvalidInput("a step made by another workflow's ctx was awaited here")
+    if run.stop is not None:
+        raise run.stop
+    if run.durable._closing:
+        run.stop = _Interrupted("the journal is closing")
+        raise run.stop
+    run.seq += 1
+    recorded = run.journal.pop(run.seq, None)
+    if recorded is not None and recorded.name != call.name:
+        run.stop = NonDeterminismError(
+            f"workflow {run.id!r} step {run.seq} is {call.name!r} in the code but "
+            f"{recorded.name!r} in the journal: the code changed under a running "
+            "workflow. Deploy new steps under a new workflow name, or let in-flight "
+            "workflows finish first."
+        )
+        raise run.stop
+    return run.seq, recorded
+
+
+def _open_step(run: _Run, call: _StepCall) -> _Step | _Replayed:
+    """Replay: a finished step's recorded outcome, or the step to run (on from the
+    attempts an earlier life began)."""
+    seq, recorded = _next(run, call)
+    step = _Step(run, call, seq)
+    if recorded is None:
+        return step
+    if recorded.state == "done":
+        return _Replayed(_loads(recorded.result, run.id))
+    if recorded.state == "failed":
+        err = _loads(recorded.error, run.id) or {}
+        return _Replayed(error=StepFailed(call.name, err.get("type", "Error"),
+                                          err.get("message", ""), recorded.attempts))
+    step.attempt, step.failures = recorded.attempts, _loads(recorded.failures, run.id) or []
+    if not step.failures or step.failures[-1]["attempt"] != step.attempt:
+        # The process stopped during that attempt (else its failure is recorded: the
+        # journal closed before the next attempt began).
+        step.failures.append({"attempt": step.attempt, "started_at": recorded.updated_at,
+                              "finished_at": None, "error": {
+                                  "type": "Interrupted",
+                                  "message": "the process stopped during this attempt"}})
+    step.error = step.failures[-1]["error"]
+    return step
+
+
+def _begin(step: _Step) -> _Row | None:
+    """The begin row of the step's next attempt; None when it is out of attempts."""
+    if step.attempt >= step.policy.max_attempts:
+        return None
+    step.attempt += 1
+    step.start = time.time()
+    step.history = _dumps(step.failures) if step.failures else None
+    return (step.run.id, step.seq, step.call.name, "running", step.attempt, None, None,
+            step.history, step.start, step.start, None)
+
+
+def _done(step: _Step, text: str) -> tuple[_Row, Any]:
+    """The done row of the attempt that returned `text` (JSON), and the value the
+    workflow gets: the result as the journal gives it back."""
+    now = time.time()
+    return ((step.run.id, step.seq, step.call.name, "done", step.attempt, text, None,
+             step.history, step.start, now, now), _loads(text))
+
+
 def _step_error(exc: BaseException) -> BaseException:
-    """What a sync step's exception is to its workflow: the exception itself, or a
+    """What a step's exception is to its workflow: the exception itself, or a
     RuntimeError for one that a future or the retry loop cannot carry: StopIteration,
     or a BaseException such as CancelledError raised by the step's own code, which
     would otherwise pass for a cancellation of the workflow."""
@@ -874,31 +1644,90 @@ def _step_error(exc: BaseException) -> BaseException:
     return RuntimeError(f"the step raised {exc!r}")
 
 
-class _BeginFailed(Exception):
-    """A step's checkpoint failed in its step thread; the step did not run."""
+def _verdict(step: _Step, ok: bool, value: Any) -> _Verdict:
+    """What the outcome of an attempt means: ("done", row, result), ("retry", row,
+    delay) with the failed attempt's row, or ("failed", row, StepFailed)."""
+    permanent = False
+    if ok:
+        try:
+            text = _dumps(value)
+        except (TypeError, ValueError) as exc:
+            step.error, permanent = {"type": "TypeError", "message":
+                                     f"the step returned a value that is not JSON: {exc}"}, True
+        else:
+            if isinstance(step.run.stop, _Interrupted):  # stopped meanwhile: not recorded
+                raise step.run.stop
+            row, result = _done(step, text)
+            return "done", row, result
+    else:
+        cause = _step_error(value)
+        step.error, permanent = _error_of(cause), isinstance(cause, Permanent)
+    step.failures.append({"attempt": step.attempt, "started_at": step.start,
+                          "finished_at": time.time(), "error": step.error})
+    if permanent or step.attempt >= step.policy.max_attempts:
+        return _failed(step)
+    run, now = step.run, time.time()
+    return "retry", (run.id, step.seq, step.call.name, "running", step.attempt, None, None,
+                     _dumps(step.failures), step.start, now, None), \
+        step.policy.delay(step.attempt)
 
 
-class _Ahead:
-    """What a step thread did after its step, running a generator workflow on: the
-    last finished step's row not yet written (`done`), and where the generator is now:
-    it yielded `call` (which the thread may have `begun`: (seq, attempt, start, ok,
-    value or exception)), returned (`stop`), or raised (`error`); or the thread
-    committed the workflow's end (`finished`); or a checkpoint failed (`write_error`),
-    which stops the workflow."""
-
-    __slots__ = ("begun", "call", "done", "error", "finished", "stop", "write_error")
-
-    def __init__(self, done: _Row | None, *, call: _Call | None = None,
-                 begun: tuple[int, int, float, bool, Any] | None = None,
-                 stop: StopIteration | None = None, error: BaseException | None = None,
-                 finished: _Outcome | None = None,
-                 write_error: BaseException | None = None) -> None:
-        self.done, self.call, self.begun = done, call, begun
-        self.stop, self.error, self.finished, self.write_error = stop, error, finished, \
-            write_error
+def _failed(step: _Step) -> _Verdict:
+    now, error = time.time(), step.error
+    return "failed", (step.run.id, step.seq, step.call.name, "failed", step.attempt, None,
+                      _dumps(error), _dumps(step.failures), now, now, now), \
+        StepFailed(step.call.name, error.get("type", "Error"), error.get("message", ""),
+                   step.attempt)
 
 
+def _ending(run: _Run, value: Any) -> _Outcome:
+    """The outcome of a workflow that returned `value`; raises if it cannot be done."""
+    if run.stop is not None:
+        raise run.stop
+    if run.journal:
+        seq = min(run.journal)
+        raise NonDeterminismError(
+            f"workflow {run.id!r} ended after {run.seq} step(s), but the journal has step "
+            f"{seq} {run.journal[seq].name!r}: the code changed under a running workflow")
+    try:
+        return "done", _dumps(value), None
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the workflow returned a value that is not JSON: {exc}") from None
+
+
+def _failure(run: _Run, exc: Exception) -> _Outcome:
+    """The outcome of a workflow that raised `exc`. A NonDeterminismError wins even
+    when the workflow's code caught it."""
+    error = _error_of(run.stop if isinstance(run.stop, Exception) else exc)
+    _log.error("workflow %r failed: %s: %s", run.id, error["type"], error["message"])
+    return "failed", None, _dumps(error)
+
+
+# DRIVERS: the event loop's (async) and a step thread's (blocking). Both call the
+# step machine; they differ in how they wait.
+
+
+_NOTHING: Any = object()  # no value: a handback that is not a return
 _NOT_STARTED = object()  # _drive's answer for a workflow run() did not start here
+
+
+class _Handback:
+    """What a step thread hands back to the loop after going on with a generator
+    workflow: it yielded a `call` the thread did not begin; or the thread began
+    `step` and its attempt ended (ok, value) short of a done row (failed, not JSON,
+    awaitable, stopped); or the workflow `returned` (not committed), `raised`, or the
+    thread committed its end (`finished`); or a checkpoint failed (`write_error`)."""
+
+    __slots__ = ("call", "finished", "ok", "raised", "returned", "step", "value",
+                 "write_error")
+
+    def __init__(self, *, call: _Call | None = None, step: _Step | None = None,
+                 ok: bool = True, value: Any = None, returned: Any = _NOTHING,
+                 raised: BaseException | None = None, finished: _Outcome | None = None,
+                 write_error: BaseException | None = None) -> None:
+        self.call, self.step, self.ok, self.value = call, step, ok, value
+        self.returned, self.raised, self.finished = returned, raised, finished
+        self.write_error = write_error
 
 
 class _Committed:
@@ -910,224 +1739,321 @@ class _Committed:
         self.outcome = outcome
 
 
-def _settle(futures: list[asyncio.Future[Any] | _Then],
-            outcomes: list[tuple[bool, Any]]) -> None:
-    for target, (ok, value) in zip(futures, outcomes, strict=True):
-        if isinstance(target, _Then):
+def _begins_here(run: _Run, call: object) -> bool:
+    """Whether a step thread may begin `call` itself: a fresh sync step of this
+    workflow, which is not stopped."""
+    return (isinstance(call, _StepCall) and call.run is run and not call.is_async
+            and run.stop is None and not run.journal)
+
+
+def _close_if_abandoned(run: _Run, gen: Generator[Any, Any, Any]) -> None:
+    """In a step thread, after running the generator: if `_drive` ended meanwhile
+    (it could not close the generator while this thread ran it), close it here, in its
+    context, so that its `finally` runs as it would have there."""
+    if run.gen is None:
+        with contextlib.suppress(RuntimeError, ValueError):
+            run.vars.run(gen.close)
+
+
+def _go_on(run: _Run, step: _Step | None, value: Any, stopped: Callable[[], bool]) -> Any:
+    """The step thread's driver. After `step` of a generator workflow returned `value`
+    in this thread (or, step None, when the workflow starts here): go on with the
+    workflow here while its next calls are fresh sync steps, committing each
+    checkpoint from this thread, so that the loop is not needed between one step and
+    the next. Returns `value` untouched if it did not go on, else a _Handback."""
+    durable, gen = run.durable, run.gen
+    writer, pool = durable._writer, durable._pool
+    if gen is None or writer is None or pool is None:  # ended or closed meanwhile
+        return value if step is not None else None
+    went_on = step is None
+    while True:
+        send = None
+        if step is not None:
+            if (run.stop is not None or run.journal or stopped()
+                    or not durable._threads_checkpoint() or inspect.isawaitable(value)):
+                return _Handback(step=step, value=value) if went_on else value
             try:
-                target.callback(ok, value)
-            except Exception:  # a bug: the other callers in the batch still get theirs
-                _log.exception("a callback on a committed write failed")
-            target = target.future
-        future = target
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-
-# RETRY POLICY.
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How often a failing step is tried, and how long to wait in between.
-
-    The wait after failed attempt n is ``initial_delay * backoff ** (n - 1)``, capped
-    at `max_delay`, less a random share of up to `jitter` of it, so that many
-    workflows failing together do not retry in step. With the defaults a step is
-    tried 5 times over about 7 seconds.
-    """
-
-    max_attempts: int = 5
-    initial_delay: float = 0.5
-    backoff: float = 2.0
-    max_delay: float = 30.0
-    jitter: float = 0.5
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
-                or self.max_attempts < 1:
-            raise InvalidInput(f"max_attempts must be an integer >= 1, not {self.max_attempts!r}")
-        for field, low in (("initial_delay", 0.0), ("backoff", 1.0), ("max_delay", 0.0)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= low:
-                raise InvalidInput(f"{field} must be a number >= {low}, not {value!r}")
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) \
-                or not 0 <= self.jitter <= 1:
-            raise InvalidInput(f"jitter must be between 0 and 1, not {self.jitter!r}")
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to wait after failed attempt number `attempt` (counting from 1)."""
+                text = _dumps(value)
+            except (TypeError, ValueError):  # the loop fails the step with a clear error
+                return _Handback(step=step, value=value) if went_on else value
+            row, send = _done(step, text)
+            run.pending.append(row)
+        went_on = True
         try:
-            base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
-        except OverflowError:
-            base = self.max_delay
-        return float(base * (1 - self.jitter * rand()))
+            call = run.vars.run(gen.send, send)
+        except StopIteration as stop:
+            return _finish_here(run, stop.value, stopped)
+        except BaseException as exc:
+            return _Handback(raised=exc)
+        finally:
+            _close_if_abandoned(run, gen)
+        if not _begins_here(run, call) or stopped():
+            return _Handback(call=call)
+        assert isinstance(call, _StepCall)
+        opened = _open_step(run, call)
+        assert isinstance(opened, _Step)  # nothing left to replay
+        step = opened
+        begin = _begin(step)
+        assert begin is not None  # a fresh step has attempts left
+        ok, result = writer.commit_here(_checkpoint(run, [begin]), pool.busy <= 1)
+        if not ok:
+            return _Handback(write_error=result)
+        try:
+            value = run.vars.copy().run(call.fn, *call.args, **call.kwargs)
+        except BaseException as exc:
+            return _Handback(step=step, ok=False, value=exc)
 
 
-# RECORDS: what the journal says about a workflow, for any process to read.
-
-
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    """One journaled step. Times are Unix timestamps; `started_at` is the first attempt's."""
-
-    seq: int
-    name: str
-    state: StepState
-    attempts: int
-    result: Any
-    error: dict[str, Any] | None
-    failed_attempts: tuple[dict[str, Any], ...]  # attempt, started_at, finished_at, error
-    started_at: float
-    updated_at: float
-    finished_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    """A workflow as the journal has it, with one `StepRecord` per journaled step."""
-
-    id: str
-    name: str
-    state: State
-    result: Any
-    error: dict[str, Any] | None
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-    steps: tuple[StepRecord, ...]
-    # The process holding it ("host|pid|start|nonce"), and when that one's lease ends.
-    owner: str | None = None
-    lease_expires_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _JournaledStep:
-    name: str
-    state: str
-    attempts: int
-    result: str | None
-    error: str | None
-    failures: str | None
-    updated_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Workflow:
-    name: str
-    fn: Callable[..., Any]
-    is_async: bool
-    retry: RetryPolicy | None
-    signature: inspect.Signature
-    # How many positional arguments (after ctx) the function takes when it takes
-    # exactly those (no defaults, *args, **kwargs or keyword-only): run() with that
-    # many and no keywords fits without binding.
-    arity: int | None
-
-
-def _arity(signature: inspect.Signature) -> int | None:
-    params = list(signature.parameters.values())
-    simple = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if not params or any(p.kind not in simple or p.default is not p.empty for p in params):
-        return None
-    return len(params) - 1
-
-
-# OPERATIONS: one implementation each, used by Durable and by the command line.
-
-
-def _read_status(conn: sqlite3.Connection, workflow_id: str) -> Status:
-    conn.execute("BEGIN")  # one snapshot for the workflow and its steps
+def _finish_here(run: _Run, value: Any, stopped: Callable[[], bool]) -> _Handback:
+    """In the step thread, the generator returned `value`: commit the workflow's end
+    with the last step's row, unless something needs the event loop's care."""
+    writer, pool = run.durable._writer, run.durable._pool
     try:
-        rows = conn.execute(_SELECT_WORKFLOW, (workflow_id,)).fetchall()
-        steps = conn.execute(_SELECT_STEPS, (workflow_id,)).fetchall()
+        outcome = _ending(run, value)
+    except BaseException:  # the loop fails the workflow, or stops it, as it should
+        return _Handback(returned=value)
+    if run.stop is not None or stopped() or writer is None or pool is None:
+        return _Handback(returned=value)
+    ok, result = writer.commit_here(_checkpoint(run, [], outcome), pool.busy <= 1)
+    return _Handback(finished=outcome) if ok else _Handback(write_error=result)
+
+
+async def _settled(ok: bool, value: Any) -> tuple[bool, Any]:
+    """A sync step that returned an awaitable: its awaited outcome."""
+    if ok and inspect.isawaitable(value):
+        try:
+            return True, await value
+        except Exception as exc:
+            return False, exc
+    return ok, value
+
+
+async def _execute(run: _Run, call: _Call, began: _Handback | None = None) -> Any:
+    """The loop's driver for one call: run a step (or a sleep) to its verdict and
+    return its result, or a _Handback when its step thread went on with the workflow.
+    `began`: a step thread already began this step and ran an attempt."""
+    if isinstance(call, _SleepCall):
+        return await _sleep(run, call)
+    assert isinstance(call, _StepCall)
+    if began is not None:
+        assert began.step is not None
+        step, ok, value = began.step, began.ok, began.value
+    else:
+        opened = _open_step(run, call)
+        if isinstance(opened, _Replayed):
+            return opened.result()
+        step = opened
+    while True:
+        if began is not None:
+            began = None
+            kind, row, result = _verdict(step, *await _settled(ok, value))
+        elif (begin := _begin(step)) is None:  # out of attempts (the process died in the last)
+            kind, row, result = _failed(step)
+        else:
+            ok, value = await _attempt(run, step, begin)
+            if ok and isinstance(value, _Handback):
+                return value
+            kind, row, result = _verdict(step, *await _settled(ok, value))
+        if kind == "done":
+            run.defer(row)
+            return result
+        run.stop_if_closing(row)  # closing: this attempt is recorded, the next at reopen
+        if kind == "failed":
+            await run.write([row])
+            raise result
+        _log.warning("workflow %r step %r attempt %d/%d failed (%s: %s); retrying in %.2fs",
+                     run.id, call.name, step.attempt, step.policy.max_attempts,
+                     step.error["type"], step.error["message"], result)
+        await run.nap(result)
+
+
+async def _attempt(run: _Run, step: _Step, begin: _Row) -> tuple[bool, Any]:
+    """Checkpoint an attempt (its begin row), then run the step: (ok, value).
+
+    A sync step's thread commits the checkpoint just before running the step (in
+    place when nothing else is going on, else through the writer thread, waiting):
+    one trip from the event loop instead of two. With more workflows running than
+    there are threads, the checkpoint goes to the writer thread from the loop."""
+    call = step.call
+    if run.inflight or call.is_async or not run.durable._threads_checkpoint():
+        await run.write([begin])
+        return await _invoke(run, call)
+    run.check_writable()
+    pending = run.pending
+    ok, value = await _invoke(run, call, _checkpoint(run, [begin]),
+                              None if run.gen is None else step)
+    if not ok and isinstance(value, _BeginFailed):
+        # Not written: finished steps' rows go back, for close() to record.
+        run.pending = pending + run.pending
+        run.write_failed(value.args[0])
+    return ok, value
+
+
+async def _invoke(run: _Run, call: _StepCall, begin: _Checkpoint | None = None,
+                  step: _Step | None = None) -> tuple[bool, Any]:
+    """Run a step's body once: (ok, value or exception). A sync step runs in a step
+    thread, which commits `begin` first if given (a failed commit: _BeginFailed, the
+    body not run) and, given the generator workflow's `step`, may go on with the
+    workflow (_go_on). A generator workflow's steps run in copies of its context; an
+    async workflow's, in its task's (a copy of it for a sync step)."""
+    durable = run.durable
+    loop = asyncio.get_running_loop()
+    if call.is_async:
+        try:
+            coro = call.fn(*call.args, **call.kwargs)
+            return True, await (coro if run.gen is None
+                                else loop.create_task(coro, context=run.vars.copy()))
+        except Exception as exc:
+            return False, exc
+    writer, pool = durable._writer, durable._pool
+    assert pool is not None and writer is not None
+    future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+    # Counted until the thread returns, even if the workflow is cancelled first:
+    # close() must not hand a workflow to another process while its step still runs.
+    durable._thread_started(run)
+
+    def done(ok: bool, value: Any) -> None:
+        durable._thread_done(run)
+        if not future.cancelled():
+            future.set_result((ok, value))
+
+    def stopped() -> bool:
+        return future.cancelled() or durable._closing or run.stop is not None
+
+    checkpoint: Callable[[], BaseException | None] | None = None
+    if begin is not None:
+        def checkpoint() -> BaseException | None:
+            # In the step thread: a workflow stopped meanwhile neither checkpoints nor
+            # runs the step.
+            if stopped():
+                return _Interrupted("the workflow stopped before the step began")
+            ok, value = writer.commit_here(begin, pool.busy <= 1)
+            return None if ok else value
+
+    after: Callable[[Any], Any] | None = None
+    if step is not None:
+        def after(value: Any) -> Any:
+            return _go_on(run, step, value, stopped)
+
+    pool.submit(call.fn, call.args, call.kwargs, done, checkpoint, after,
+                None if run.gen is None else run.vars.copy())
+    run.steps_due += 1
+    try:
+        return await future
     finally:
-        conn.execute("COMMIT")
-    if not rows:
-        raise NotFound(f"no workflow has id {workflow_id!r}")
-    wf_id, name, state, result, error, created, updated, finished, owner, expires = rows[0]
-    return Status(
-        wf_id, name, state, _loads(result), _loads(error), created, updated, finished,
-        tuple(StepRecord(seq, step, st, attempts, _loads(res), _loads(err),
-                         tuple(_loads(fails) or ()), started, step_updated, step_finished)
-              for seq, step, st, attempts, res, err, fails, started, step_updated,
-              step_finished in steps),
-        owner, expires,
-    )
+        run.steps_due -= 1
 
 
-def _cancel(conn: sqlite3.Connection, workflow_id: str) -> bool:
-    """In a write transaction: cancel the workflow; False if it had finished already."""
-    row = conn.execute(_SELECT_STATES, (workflow_id,)).fetchone()
-    if row is None:
-        raise NotFound(f"no workflow has id {workflow_id!r}")
-    if row[0] in _FINISHED:
-        return False
-    now = time.time()
-    error = _dumps({"type": "WorkflowCancelled", "message": "cancelled by request"})
-    conn.execute(_CANCEL, (error, now, now, workflow_id))
-    return True
+async def _sleep(run: _Run, call: _SleepCall) -> None:
+    seq, recorded = _next(run, call)
+    if recorded is not None and recorded.state == "done":
+        return
+    if recorded is not None:
+        wake = float(_loads(recorded.result, run.id))
+    else:
+        now = time.time()
+        wake = now + call.seconds
+        await run.write([(run.id, seq, call.name, "running", 1, _dumps(wake), None, None, now,
+                          now, None)])
+    await run.nap(wake - time.time())
+    done = time.time()
+    if done < wake:  # woken early: the workflow is stopped, or the journal closing
+        run.check_writable()
+        raise run.stop or _Interrupted("the workflow stopped during a sleep")
+    run.defer((run.id, seq, call.name, "done", 1, _dumps(wake), None, None, done, done, done))
 
 
-def _retry(conn: sqlite3.Connection, workflow_id: str) -> int:
-    """In a write transaction: put a failed workflow back to run, from its last failed
-    step (dropped from the journal with the steps after it: fresh attempts). Returns
-    that step's position, or 0 when no step failed (it replays from the top). The
-    steps before it are not run again, so a workflow that compensated them (released
-    what it reserved) must be started anew under a new id instead."""
-    row = conn.execute(_SELECT_STATES, (workflow_id,)).fetchone()
-    if row is None:
-        raise NotFound(f"no workflow has id {workflow_id!r}")
-    if row[0] != "failed":
-        raise InvalidInput(f"workflow {workflow_id!r} is {row[0]}; only a failed workflow "
-                           "can be retried")
-    seq = conn.execute(_LAST_FAILED_STEP, (workflow_id,)).fetchone()[0]
-    if seq is not None:
-        conn.execute(_DELETE_STEPS_FROM, (workflow_id, seq))
-    conn.execute(_REOPEN, (None, time.time(), workflow_id))
-    return int(seq or 0)
+async def _drive(run: _Run, gen: Generator[Any, Any, Any],
+                 started: asyncio.Future[_Handback | None] | None = None) -> Any:
+    """The loop's driver for a generator workflow: each yielded call runs, and its
+    result (or its StepFailed) is sent back in. A step thread may have run the
+    generator further (a _Handback): the loop goes on from where it stopped.
+    `started`: a step thread was given the workflow from its start
+    (Durable._run_at_once); None from it means the workflow is not to run here, and
+    _drive returns _NOT_STARTED."""
+    run.gen = gen
+    value: Any = None
+    failure: StepFailed | None = None
+    back: _Handback | None = None
+    try:
+        if started is not None:
+            run.steps_due += 1
+            try:
+                back = await started
+            finally:
+                run.steps_due -= 1
+            if back is None:
+                return _NOT_STARTED
+        while True:
+            began = None
+            if back is not None:
+                if back.write_error is not None:
+                    run.write_failed(back.write_error)
+                if back.finished is not None:
+                    return _Committed(back.finished)
+                if back.returned is not _NOTHING:
+                    return back.returned
+                if back.raised is not None:
+                    raise back.raised
+                call, began = (back.call, None) if back.step is None else (back.step.call, back)
+                back = None
+            else:
+                try:
+                    call = (run.vars.run(gen.send, value) if failure is None
+                            else run.vars.run(gen.throw, failure))
+                except StopIteration as stop:
+                    return stop.value
+            value, failure = None, None
+            if not isinstance(call, _Call):
+                raise TypeError(f"the workflow yielded {call!r}; yield ctx.run(step, ...) "
+                                "or ctx.sleep(seconds)")
+            try:
+                result = await _execute(run, call, began)
+            except StepFailed as exc:
+                failure = exc
+            else:
+                if isinstance(result, _Handback):
+                    back = result
+                else:
+                    value = result
+    finally:
+        run.gen = None
+        try:
+            run.vars.run(gen.close)
+        except RuntimeError as exc:
+            # A step thread still runs it (the workflow was cancelled): its context is
+            # entered there, or the generator executing.
+            if inspect.getgeneratorstate(gen) != inspect.GEN_RUNNING \
+                    and "cannot enter context" not in str(exc):
+                # it yielded again in a `finally`: keep the first error
+                _log.warning("workflow %r ignored its shutdown: %s", run.id, exc)
+        except ValueError:  # a step thread still runs it (the workflow was cancelled)
+            pass
 
 
-def _prune(conn: sqlite3.Connection, cutoff: float, limit: int) -> int:
-    """In a write transaction: delete up to `limit` workflows (and, by cascade, their
-    steps) that finished before `cutoff`. Unfinished workflows are never touched."""
-    return int(conn.execute(_PRUNE, (cutoff, limit)).rowcount)
-
-
-def _seconds(value: float | timedelta, what: str) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
-        raise InvalidInput(f"{what} must be seconds >= 0 or a timedelta, not {value!r}")
-    return float(seconds)
-
-
-# CONTEXT: what a workflow receives as its first argument.
+# CONTEXT AND HANDLE: the public faces.
 
 
 class _Call:
-    """A step about to run: yield it (generator workflow) or await it (async workflow)."""
+    """A call about to run: yield it (generator workflow) or await it (async one)."""
 
-    __slots__ = ("_ctx",)
+    __slots__ = ("run",)
 
-    def __init__(self, ctx: Context) -> None:
-        self._ctx = ctx
+    def __init__(self, run: _Run) -> None:
+        self.run = run
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._ctx._execute(self).__await__()
+        return _execute(self.run, self).__await__()
 
 
 class _StepCall(_Call):
     __slots__ = ("args", "fn", "is_async", "kwargs", "name", "retry")
 
-    def __init__(self, ctx: Context, fn: Callable[..., Any], args: tuple[Any, ...],
+    def __init__(self, run: _Run, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], name: str | None, retry: RetryPolicy | None) -> None:
         if not callable(fn):
             raise InvalidInput(f"ctx.run() needs a function, not {fn!r}")
-        super().__init__(ctx)
+        super().__init__(run)
         self.fn = fn
         self.is_async = inspect.iscoroutinefunction(fn)  # asked once, not at every turn
         self.args = args
@@ -1140,71 +2066,43 @@ class _SleepCall(_Call):
     __slots__ = ("seconds",)
     name = "ctx.sleep"
 
-    def __init__(self, ctx: Context, seconds: float) -> None:
+    def __init__(self, run: _Run, seconds: float) -> None:
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
                 or not 0 <= seconds < float("inf"):
             raise InvalidInput(f"ctx.sleep() needs seconds >= 0, not {seconds!r}")
-        super().__init__(ctx)
+        super().__init__(run)
         self.seconds = float(seconds)
 
 
 class _StepOptions:
-    __slots__ = ("_ctx", "_name", "_retry")
+    __slots__ = ("_name", "_retry", "_run")
 
-    def __init__(self, ctx: Context, name: str | None, retry: RetryPolicy | None) -> None:
-        self._ctx, self._name, self._retry = ctx, name, retry
+    def __init__(self, run: _Run, name: str | None, retry: RetryPolicy | None) -> None:
+        self._run, self._name, self._retry = run, name, retry
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall:
         """Like `Context.run`, with these options."""
-        return _StepCall(self._ctx, fn, args, kwargs, self._name, self._retry)
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        return _StepCall(self._run, fn, args, kwargs, self._name, self._retry)
 
 
 class Context:
     """Handed to a workflow as its first argument; `run` makes its steps."""
 
-    __slots__ = ("_abort", "_durable", "_flush_due", "_gen", "_id", "_inflight",
-                 "_journal", "_napping", "_new", "_outcome", "_owner", "_pending", "_retry",
-                 "_seq", "_steps_due", "_touched", "_vars", "_waiters")
+    __slots__ = ("_run",)
 
-    def __init__(self, durable: Durable, workflow_id: str, retry: RetryPolicy,
-                 journal: dict[int, _JournaledStep]) -> None:
-        self._durable = durable
-        self._id = workflow_id
-        self._owner = durable._owner
-        self._retry = retry
-        self._journal = journal  # steps recorded before this (re)start, consumed by replay
-        self._seq = 0
-        self._abort: BaseException | None = None
-        self._pending: list[_Row] = []  # finished steps, written with the next checkpoint
-        self._touched = False  # whether a checkpoint has marked the workflow running yet
-        self._gen: Generator[Any, Any, Any] | None = None  # a generator workflow's, in _drive
-        self._inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
-        self._flush_due = False
-        self._napping: asyncio.Future[None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
-        self._outcome: _Outcome | None = None  # committed when the workflow ended here
-        self._new = True  # False while run()'s insert has not said the workflow is new
-        self._steps_due = 0  # step threads' outcomes awaited (close() lets them arrive)
-        # A generator workflow's code runs in this one context wherever it runs (on the
-        # loop, in a step thread), one place at a time: what it sets, and the tokens to
-        # reset it, stay valid throughout. A copy of the context it was started from.
-        self._vars = contextvars.copy_context()
+    def __init__(self, run: _Run) -> None:
+        self._run = run
 
     @property
     def id(self) -> str:
         """The workflow's id: the base for keys passed to outside systems."""
-        return self._id
+        return self._run.id
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall:
         """A step calling ``fn(*args, **kwargs)``: ``yield`` it in a generator workflow,
         ``await`` it in an async one. Sync functions run in a worker thread, which may
         also run a generator workflow's code up to its next sync step."""
-        return _StepCall(self, fn, args, kwargs, None, None)
+        return _StepCall(self._run, fn, args, kwargs, None, None)
 
     def options(self, *, name: str | None = None,
                 retry: RetryPolicy | None = None) -> _StepOptions:
@@ -1215,445 +2113,13 @@ class Context:
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
         if name is not None and (not isinstance(name, str) or not name):
             raise InvalidInput(f"a step name must be a non-empty string, not {name!r}")
-        return _StepOptions(self, name, retry)
+        return _StepOptions(self._run, name, retry)
 
     def sleep(self, seconds: float) -> _SleepCall:
         """A durable timer: ``yield ctx.sleep(3600)`` (or ``await``). The wake time is
         journaled, so after a restart the workflow sleeps only what is left. A sleeping
         workflow holds no thread."""
-        return _SleepCall(self, seconds)
-
-    def _stop(self, reason: _Interrupted) -> None:
-        """Stop the workflow at its next step, checkpoint or wake-up (cancel, close)."""
-        self._abort = reason
-        for future in (self._napping, *self._waiters):
-            if future is not None:
-                _wake(future)
-
-    def _ended(self, outcome: _Outcome | None) -> _Outcome | None:
-        """The workflow's task ends with `outcome` committed (None: unfinished): hand
-        it to the result() calls waiting, which need neither the task nor the journal."""
-        self._outcome = outcome
-        for future in self._waiters:
-            _wake(future)
-        return outcome
-
-    @property
-    def _stopped(self) -> bool:
-        return isinstance(self._abort, _Fenced)
-
-    async def _nap(self, seconds: float) -> None:
-        """Sleep, unless the workflow is stopped first."""
-        if seconds > 0 and self._abort is None and not self._durable._closing:
-            loop = asyncio.get_running_loop()
-            self._napping = loop.create_future()
-            timer = loop.call_later(seconds, _wake, self._napping)
-            try:
-                await self._napping
-            finally:
-                timer.cancel()
-                self._napping = None
-        if isinstance(self._abort, _Interrupted):
-            raise self._abort
-
-    def _replayed(self, call: _StepCall | _SleepCall) -> tuple[int, _JournaledStep | None]:
-        """The step's position, and its record from before this (re)start, if any."""
-        if call._ctx is not self:
-            raise InvalidInput("a step made by another workflow's ctx was awaited here")
-        if self._abort is not None:
-            raise self._abort
-        if self._durable._closing:
-            self._stop(_Interrupted("the journal is closing"))
-            raise self._abort  # type: ignore[misc]
-        self._seq += 1
-        recorded = self._journal.pop(self._seq, None)
-        if recorded is not None and recorded.name != call.name:
-            self._abort = NonDeterminismError(
-                f"workflow {self._id!r} step {self._seq} is {call.name!r} in the code but "
-                f"{recorded.name!r} in the journal: the code changed under a running "
-                "workflow. Deploy new steps under a new workflow name, or let in-flight "
-                "workflows finish first."
-            )
-            raise self._abort
-        return self._seq, recorded
-
-    async def _execute(self, call: _Call,
-                       begun: tuple[int, int, float, bool, Any] | None = None) -> Any:
-        """Run a step (or a sleep) and return its result, or an _Ahead when its step
-        thread went on with the workflow. `begun`: a step thread already began this
-        step and ran its first attempt (seq, attempt, start, ok, value or exception)."""
-        if isinstance(call, _SleepCall):
-            return await self._sleep(call)
-        assert isinstance(call, _StepCall)
-        name, attempts = call.name, 0
-        failures: list[dict[str, Any]] = []
-        seq, recorded = (begun[0], None) if begun is not None else self._replayed(call)
-        if recorded is not None:
-            if recorded.state == "done":
-                return _loads(recorded.result)
-            if recorded.state == "failed":
-                err = _loads(recorded.error) or {}
-                raise StepFailed(name, err.get("type", "Error"), err.get("message", ""),
-                                 recorded.attempts)
-            attempts, failures = recorded.attempts, _loads(recorded.failures) or []
-            if not failures or failures[-1]["attempt"] != attempts:
-                # The process stopped during that attempt (else its failure is recorded:
-                # the journal closed before the next attempt began).
-                failures.append({"attempt": attempts, "started_at": recorded.updated_at,
-                                 "finished_at": None, "error": {
-                                     "type": "Interrupted",
-                                     "message": "the process stopped during this attempt"}})
-        policy = call.retry or self._retry
-        error: dict[str, Any] = failures[-1]["error"] if failures else {}
-        while attempts < policy.max_attempts:
-            attempts += 1
-            start = time.time()
-            history = _dumps(failures) if failures else None
-            permanent = False
-            try:
-                if begun is not None:
-                    _, attempts, start, ok, value = begun
-                    begun = None
-                    if not ok:
-                        raise _step_error(value)
-                    if inspect.isawaitable(value):
-                        value = await value
-                else:
-                    value = await self._attempt(call, (self._id, seq, name, "running",
-                                                       attempts, None, None, history, start,
-                                                       start, None))
-            except Exception as exc:
-                error, permanent = _error_of(exc), isinstance(exc, Permanent)
-            else:
-                if isinstance(value, _Ahead):
-                    return value
-                try:
-                    text = _dumps(value)
-                except (TypeError, ValueError) as exc:
-                    error, permanent = {"type": "TypeError", "message":
-                                        f"the step returned a value that is not JSON: {exc}"}, True
-                else:
-                    if isinstance(self._abort, _Interrupted):  # cancelled meanwhile
-                        raise self._abort
-                    done = time.time()
-                    # Written with the next checkpoint (the next step's start or the
-                    # workflow's end): the next step cannot start before it is durable.
-                    self._defer((self._id, seq, name, "done", attempts, text, None, history,
-                                 start, done, done))
-                    return _loads(text)
-            failures.append({"attempt": attempts, "started_at": start,
-                             "finished_at": time.time(), "error": error})
-            if permanent or attempts >= policy.max_attempts:
-                break
-            # Closing: the failed attempt is recorded, and the next runs at reopen.
-            self._stop_if_closing((self._id, seq, name, "running", attempts, None, None,
-                                   _dumps(failures), start, time.time(), None))
-            delay = policy.delay(attempts)
-            _log.warning("workflow %r step %r attempt %d/%d failed (%s: %s); retrying in %.2fs",
-                         self._id, name, attempts, policy.max_attempts, error["type"],
-                         error["message"], delay)
-            await self._nap(delay)
-        now = time.time()
-        failed = (self._id, seq, name, "failed", attempts, None, _dumps(error),
-                  _dumps(failures), now, now, now)
-        self._stop_if_closing(failed)
-        await self._write([failed])
-        raise StepFailed(name, error["type"], error["message"], attempts)
-
-    async def _sleep(self, call: _SleepCall) -> None:
-        seq, recorded = self._replayed(call)
-        if recorded is not None and recorded.state == "done":
-            return
-        if recorded is not None:
-            wake = float(_loads(recorded.result))
-        else:
-            now = time.time()
-            wake = now + call.seconds
-            await self._write([(self._id, seq, call.name, "running", 1, _dumps(wake), None,
-                                None, now, now, None)])
-        await self._nap(wake - time.time())
-        done = time.time()
-        if done < wake:  # woken early: the workflow is stopped, or the journal closing
-            self._check_writable()
-            raise self._abort or _Interrupted("the workflow stopped during a sleep")
-        self._defer((self._id, seq, call.name, "done", 1, _dumps(wake), None, None, done, done,
-                     done))
-
-    async def _attempt(self, call: _StepCall, begin: _Row) -> Any:
-        """Checkpoint the attempt (its step row `begin`), then run the step.
-
-        A sync step's thread commits the checkpoint just before running the step (in
-        place when nothing else is going on, else through the writer thread, waiting):
-        one trip from the event loop instead of two. With more workflows running than
-        there are threads, the checkpoint goes to the writer thread from the loop."""
-        durable = self._durable
-        if self._inflight or call.is_async \
-                or not durable._threads_checkpoint():
-            await self._write([begin])
-            return await durable._invoke(self._id, call)
-        self._check_writable()
-        ahead = None if self._gen is None else functools.partial(self._run_ahead, begin)
-        pending = self._pending
-        try:
-            return await durable._invoke(self._id, call, self._checkpoint([begin]), ahead,
-                                         lambda: self._abort is not None)
-        except _BeginFailed as failed:
-            # Not written: finished steps' rows go back, for close() to record.
-            self._pending = pending + self._pending
-            self._write_failed(failed.args[0])
-
-    def _checkpoint(self, rows: list[_Row], outcome: _Outcome | None = None) -> _Op:
-        """The write of `rows` (after the deferred ones) and, if given, the workflow's
-        outcome, fenced on this process holding the workflow unfinished."""
-        rows, self._pending = self._pending + rows, []
-        touch, self._touched = not self._touched, True
-        return self._durable._fenced(self._id, self._owner, rows, outcome, touch)
-
-    def _run_ahead(self, begin: _Row, value: Any, stopped: Callable[[], bool]) -> Any:
-        """In the step thread, after a generator workflow's sync step returned `value`:
-        go on with the workflow there while its next calls are sync steps that begin
-        afresh, committing each checkpoint from this thread, so that the event loop is
-        not needed between one step and the next. Returns `value` untouched if it did
-        not go on, else an _Ahead for `_drive` to continue from."""
-        gen, durable = self._gen, self._durable
-        writer, pool = durable._writer, durable._pool
-        if gen is None or writer is None or pool is None:  # ended or closed meanwhile
-            return value
-        seq, name, attempt, history, start = begin[1], begin[2], begin[4], begin[7], begin[8]
-        went_on, call = False, None
-        while True:
-            if (self._abort is not None or self._journal or stopped()
-                    or not durable._threads_checkpoint() or inspect.isawaitable(value)):
-                return _Ahead(None, begun=(seq, attempt, start, True, value),
-                              call=call) if went_on else value
-            try:
-                text = _dumps(value)
-            except (TypeError, ValueError):
-                return _Ahead(None, begun=(seq, attempt, start, True, value),
-                              call=call) if went_on else value
-            now = time.time()
-            done = (self._id, seq, name, "done", attempt, text, None, history, start, now, now)
-            try:
-                call = self._vars.run(gen.send, _loads(text))
-            except StopIteration as stop:
-                return self._finish_here(done, stop, stopped)
-            except BaseException as exc:
-                return _Ahead(done, error=exc)
-            finally:
-                self._close_if_abandoned(gen)
-            if not self._begins_here(call) or stopped():
-                return _Ahead(done, call=call)
-            seq, name, attempt, history, start = self._seq + 1, call.name, 1, None, time.time()
-            self._seq = seq
-            op = durable._fenced(self._id, self._owner, [done, (
-                self._id, seq, name, "running", 1, None, None, None, start, start, None)],
-                None, False)
-            ok, result = writer.commit_here(op, pool.busy <= 1)
-            if not ok:
-                return _Ahead(None, write_error=result)
-            went_on = True
-            try:
-                value = self._vars.copy().run(call.fn, *call.args, **call.kwargs)
-            except BaseException as exc:
-                return _Ahead(None, call=call, begun=(seq, attempt, start, False, exc))
-
-    def _close_if_abandoned(self, gen: Generator[Any, Any, Any]) -> None:
-        """In a step thread, after running the generator: if `_drive` ended meanwhile
-        (it could not close the generator while this thread ran it), close it here, in
-        its context, so that its `finally` runs as it would have there."""
-        if self._gen is None:
-            with contextlib.suppress(RuntimeError, ValueError):
-                self._vars.run(gen.close)
-
-    def _begins_here(self, call: object) -> bool:
-        """Whether a step thread may begin `call` itself: a sync step of this workflow,
-        which is not stopped."""
-        return (isinstance(call, _StepCall) and call._ctx is self
-                and not call.is_async and self._abort is None)
-
-    def _start_here(self, inserted: tuple[bool, Any], stopped: Callable[[], bool]
-                    ) -> _Ahead | None:
-        """In a step thread, once run()'s insert is committed (`inserted`): start the
-        new generator workflow there, beginning and running its first sync step and
-        going on as `_run_ahead` does. None when the workflow is not to start here
-        (not new, refused, or stopped meanwhile); else an _Ahead for `_drive`."""
-        ok, value = inserted
-        gen, durable = self._gen, self._durable
-        if not ok or not value[0] or stopped() or self._abort is not None or gen is None:
-            return None
-        try:
-            call = self._vars.run(gen.send, None)
-        except StopIteration as stop:
-            return _Ahead(None, stop=stop)
-        except BaseException as exc:
-            return _Ahead(None, error=exc)
-        finally:
-            self._close_if_abandoned(gen)
-        writer, pool = durable._writer, durable._pool
-        if not self._begins_here(call) or stopped() or writer is None or pool is None:
-            return _Ahead(None, call=call)
-        seq, start = self._seq + 1, time.time()
-        self._seq = seq
-        begin = (self._id, seq, call.name, "running", 1, None, None, None, start, start, None)
-        ok, result = writer.commit_here(self._checkpoint([begin]), pool.busy <= 1)
-        if not ok:
-            return _Ahead(None, write_error=result)
-        try:
-            value = self._vars.copy().run(call.fn, *call.args, **call.kwargs)
-        except BaseException as exc:
-            return _Ahead(None, call=call, begun=(seq, 1, start, False, exc))
-        went_on = self._run_ahead(begin, value, stopped)
-        return went_on if isinstance(went_on, _Ahead) else _Ahead(
-            None, call=call, begun=(seq, 1, start, True, value))
-
-    def _finish_here(self, done: _Row, stop: StopIteration, stopped: Callable[[], bool]
-                     ) -> _Ahead:
-        """In the step thread, the generator returned: commit the last step's result and
-        the workflow's, unless something needs the event loop's care."""
-        durable = self._durable
-        try:
-            outcome: _Outcome = ("done", _dumps(stop.value), None)
-        except (TypeError, ValueError):  # the loop fails the workflow with a clear error
-            return _Ahead(done, stop=stop)
-        if self._abort is not None or stopped() or durable._writer is None \
-                or durable._pool is None:
-            return _Ahead(done, stop=stop)
-        ok, result = durable._writer.commit_here(
-            durable._fenced(self._id, self._owner, [done], outcome, False),
-            durable._pool.busy <= 1)
-        return _Ahead(None, finished=outcome) if ok else _Ahead(None, write_error=result)
-
-    def _check_writable(self) -> None:
-        if isinstance(self._abort, _Interrupted):
-            raise self._abort
-        if self._durable._closing:
-            self._stop(_Interrupted("the journal is closing"))
-            raise self._abort  # type: ignore[misc]
-
-    def _stop_if_closing(self, row: _Row) -> None:
-        """While closing (which waited for this step), keep the step's `row` for
-        _record_pending to commit, and stop the workflow here."""
-        if self._durable._closing:
-            self._pending.append(row)
-            self._check_writable()
-
-    def _write_failed(self, exc: BaseException) -> NoReturn:
-        if not isinstance(self._abort, _Interrupted):  # a stop (cancel, close) says why
-            self._abort = exc if isinstance(exc, _Interrupted) else _Interrupted(exc)
-        raise self._abort from None
-
-    async def _write(self, rows: list[_Row], outcome: _Outcome | None = None) -> None:
-        """Commit step `rows` (after any deferred ones) and the workflow's `outcome`, if
-        this process still owns the workflow; otherwise stop it with _Interrupted."""
-        self._check_writable()
-        future = self._durable._open_writer().submit(self._checkpoint(rows, outcome))
-        future.add_done_callback(_retrieve)
-        inflight, self._inflight = self._inflight, []
-        try:
-            for earlier in inflight:  # committed no later than `future`, in queue order
-                await earlier
-            await future
-        except (DurableError, _Interrupted) as exc:
-            self._write_failed(exc)
-
-    async def _record_pending(self) -> None:
-        """Commit the finished steps not yet written, fenced, even while closing: a step
-        that returned is not to run again at the next start."""
-        if self._pending and not isinstance(self._abort, _Fenced):
-            with contextlib.suppress(DurableError, _Interrupted):
-                await self._durable._open_writer().submit(self._checkpoint([]))
-
-    def _defer(self, row: _Row) -> None:
-        """Write a finished step's row with the next checkpoint: the next step cannot
-        start before it is durable."""
-        self._pending.append(row)
-        if not self._flush_due:
-            self._flush_due = True
-            # Runs only if the workflow awaits something other than a step first.
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_due = False
-        if self._pending and self._abort is None:
-            future = self._durable._open_writer().submit(self._checkpoint([]))
-            future.add_done_callback(_retrieve)
-            self._inflight.append(future)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # a failure here is seen again by the workflow's next write
-
-
-async def _drive(gen: Generator[Any, Any, Any], ctx: Context,
-                 started: asyncio.Future[_Ahead | None] | None = None) -> Any:
-    """Run a generator workflow: each yielded step runs, and its result (or its
-    StepFailed) is sent back in. A step thread may have run the generator further
-    (an _Ahead): the loop goes on from where it stopped. `started`: a step thread
-    was given the workflow from its start (Durable._run_at_once); None from it
-    means the workflow is not to run here, and _drive returns _NOT_STARTED."""
-    ctx._gen = gen
-    value: Any = None
-    failure: StepFailed | None = None
-    ahead: _Ahead | None = None
-    try:
-        if started is not None:
-            ctx._steps_due += 1
-            try:
-                ahead = await started
-            finally:
-                ctx._steps_due -= 1
-            if ahead is None:
-                return _NOT_STARTED
-        while True:
-            begun = None
-            if ahead is not None:
-                if ahead.write_error is not None:
-                    ctx._write_failed(ahead.write_error)
-                if ahead.finished is not None:
-                    return _Committed(ahead.finished)
-                if ahead.done is not None:
-                    ctx._defer(ahead.done)
-                if ahead.stop is not None:
-                    return ahead.stop.value
-                if ahead.error is not None:
-                    raise ahead.error
-                call, begun, ahead = ahead.call, ahead.begun, None
-            else:
-                try:
-                    call = (ctx._vars.run(gen.send, value) if failure is None
-                            else ctx._vars.run(gen.throw, failure))
-                except StopIteration as stop:
-                    return stop.value
-            value, failure = None, None
-            if not isinstance(call, _Call):
-                raise TypeError(f"the workflow yielded {call!r}; yield ctx.run(step, ...) "
-                                "or ctx.sleep(seconds)")
-            try:
-                result = await ctx._execute(call, begun)
-            except StepFailed as exc:
-                failure = exc
-            else:
-                if isinstance(result, _Ahead):
-                    ahead = result
-                else:
-                    value = result
-    finally:
-        ctx._gen = None
-        try:
-            ctx._vars.run(gen.close)
-        except RuntimeError as exc:
-            # A step thread still runs it (the workflow was cancelled): its context is
-            # entered there, or the generator executing.
-            if inspect.getgeneratorstate(gen) != inspect.GEN_RUNNING \
-                    and "cannot enter context" not in str(exc):
-                # it yielded again in a `finally`: keep the first error
-                _log.warning("workflow %r ignored its shutdown: %s", ctx.id, exc)
-        except ValueError:  # a step thread still runs it (the workflow was cancelled)
-            pass
-
-
-# HANDLE: a workflow seen from outside.
+        return _SleepCall(self._run, seconds)
 
 
 class Handle:
@@ -1671,11 +2137,11 @@ class Handle:
 
     async def done(self) -> bool:
         """Whether the workflow has finished (done, failed or cancelled). Never waits."""
-        ctx = self._durable._contexts.get(self.id)
-        if ctx is not None and not ctx._stopped and ctx._new:
+        run = self._durable._runs.get(self.id)
+        if run is not None and not run.fenced and run.new:
             return False
-        row = await self._durable._read(_SELECT_OUTCOME, (self.id,))
-        return bool(row) and row[0][0] in _FINISHED
+        outcome = await self._durable._query(lambda journal: journal.outcome(self.id))
+        return outcome is not None and outcome[0] in _FINISHED
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait for the workflow to finish and return its result.
@@ -1687,17 +2153,16 @@ class Handle:
         else:
             async with asyncio.timeout(timeout):
                 state, result, error = await self._durable._wait(self.id)
+
         if state == "done":
-            return _loads(result)
+            return _loads(result, self.id)
         if state == "cancelled":
             raise WorkflowCancelled(f"workflow {self.id!r} was cancelled")
-        raise WorkflowFailed(self.id, _loads(error) or {})
+        raise WorkflowFailed(self.id, _loads(error, self.id) or {})
 
     async def status(self) -> Status:
-        """The workflow and its steps as the journal has them now."""
-        return await self._durable._status(self.id)
-
-
+        """The workflow and its steps as the journal has it now."""
+        return await self._durable._query(lambda journal: _read_status(journal, self.id))
 # DURABLE: registry, runner, recovery.
 
 
@@ -1755,13 +2220,13 @@ class Durable:
         self._tick = min(self.lease / 3, 2.0)
         self._registry: dict[str, _Workflow] = {}
         self._names: dict[Callable[..., Any], str] = {}
-        self._running: dict[str, asyncio.Task[_Outcome | None]] = {}
-        self._contexts: dict[str, Context] = {}
-        # Workflows waiting for one of `max_running` places, in order: id -> (workflow
-        # name, input, journal). Plain values, no task: the garbage collector has
-        # nothing to walk in a backlog of thousands.
+        # Per workflow here, all on the event loop: the workflows running (one _Run
+        # each), and those waiting for one of `max_running` places, in order: id ->
+        # (workflow name, input, journal), plain values, no task: the garbage collector
+        # has nothing to walk in a backlog of thousands.
+        self._runs: dict[str, _Run] = {}
         self._queued: dict[str, tuple[str, str, dict[int, _JournaledStep] | None]] = {}
-        self._stepping: dict[str, int] = {}  # workflow id -> sync steps in threads
+        self._stepping: set[_Run] = set()  # runs with sync steps in threads, even stopped
         self._stalls: dict[str, int] = {}  # workflow id -> failed journal writes in a row
         self._timers: set[asyncio.TimerHandle] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -1769,9 +2234,10 @@ class Durable:
         self._closing = False
         self._host = socket.gethostname()
         self._owner = ""
+        self._clock = _LeaseClock()
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
-        self._reader_conn: sqlite3.Connection | None = None
+        self._reader_journal: _SqliteJournal | None = None
         self._pool: _StepThreads | None = None
 
     def __repr__(self) -> str:
@@ -1859,10 +2325,15 @@ class Durable:
             raise DurableError(f"{self!r} is already open")
         loop = asyncio.get_running_loop()
         reader = ThreadPoolExecutor(1, thread_name_prefix="durable-reader")
-        connect = functools.partial(_connect, self.path, self.synchronous, self.busy_timeout)
+        connect = functools.partial(_SqliteJournal, self.path, synchronous=self.synchronous,
+                                    busy_timeout=self.busy_timeout)
         try:
-            write_conn = await loop.run_in_executor(reader, connect)
-            self._reader_conn = await loop.run_in_executor(reader, connect)
+            journal = await loop.run_in_executor(reader, connect)
+            try:
+                self._reader_journal = await loop.run_in_executor(reader, connect)
+            except BaseException:
+                journal.close()
+                raise
         except BaseException:
             reader.shutdown(wait=False)
             raise
@@ -1870,7 +2341,7 @@ class Durable:
         self._owner = f"{self._host}|{pid}|{_process_start(pid)}|{secrets.token_hex(4)}"
         self._closing = False
         self._reader = reader
-        self._writer = _Writer(write_conn, loop)
+        self._writer = _Writer(journal, loop)
         self._pool = _StepThreads(self.max_threads, loop)
         try:
             await self._renew(forget=True)
@@ -1890,55 +2361,70 @@ class Durable:
         then stays held by this process: another process takes it over when this
         process exits (at once, on this machine) or, if it lives on, when its lease runs
         out; the stray thread's result is refused either way."""
-        writer, reader, pool = self._writer, self._reader, self._pool
-        if writer is None or reader is None or pool is None or self._closing:
+        if self._writer is None or self._closing:
             return
-        self._closing = True  # from here no step begins, and no workflow starts
-        self._queued.clear()  # they stay unfinished, released below like the rest
+        deadline = asyncio.get_running_loop().time() + grace
+        await self._close_stop_starting()
+        await self._close_stop_workflows(grace)
+        await self._close_wait_for_threads(deadline)
+        await self._close_hand_back()
+        await self._close_shut()
+
+    async def _close_stop_starting(self) -> None:
+        """Phase 1: no step begins and no workflow starts from here on; the queued ones
+        stay unfinished (handed back below like the rest); no more ticks or timers."""
+        self._closing = True
+        self._queued.clear()
         for timer in self._timers:
             timer.cancel()
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        # Workflows in a sync step (or with its outcome on its way to them) go on until
-        # they have it: they record its result and stop before the next step. The others
-        # stop now; so do those past the grace.
-        contexts = self._contexts
-        tasks = [task for wf_id, task in self._running.items() if wf_id not in self._stepping
-                 and not (wf_id in contexts and contexts[wf_id]._steps_due)]
-        for task in [*tasks, *self._background]:
-            task.cancel()
-        if self._running:
-            await asyncio.wait(list(self._running.values()), timeout=grace)
-        while self._running or self._background:
-            tasks = [*self._running.values(), *self._background]
+
+    async def _close_stop_workflows(self, grace: float) -> None:
+        """Phase 2: workflows in a sync step (or with its outcome on its way to them) go
+        on until they have it, up to `grace`: they record its result and stop before
+        their next step. The others stop now; so do those past the grace."""
+        for task in [*[run.task for run in self._runs.values()
+                       if not run.threads and not run.steps_due], *self._background]:
+            if task is not None:
+                task.cancel()
+        if self._runs:
+            await asyncio.wait([run.task for run in self._runs.values() if run.task],
+                               timeout=grace)
+        while self._runs or self._background:
+            tasks = [*(run.task for run in self._runs.values() if run.task),
+                     *self._background]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _close_wait_for_threads(self, deadline: float) -> None:
+        """Phase 3: wait, up to the grace, for step threads of stopped workflows."""
+        loop = asyncio.get_running_loop()
         while self._stepping and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        owner, stepping, lease = self._owner, set(self._stepping), self.lease
 
-        def release(conn: sqlite3.Connection) -> None:
-            # In the writer, after every queued insert: none is left held by nobody.
-            owned = [row[0] for row in conn.execute(_SELECT_OWNED, (owner,))]
-            conn.executemany(_RELEASE, [(i, owner) for i in owned if i not in stepping])
-            if stepping:  # held on: let the lease run out instead
-                conn.execute(_RENEW_OWNER, (owner, time.time() + lease))
-            else:
-                conn.execute(_DELETE_OWNER, (owner,))
+    async def _close_hand_back(self) -> None:
+        """Phase 4: hand back every workflow held here, so that another process may take
+        it at once; one whose step thread still runs stays held until the lease ends."""
+        writer, owner = self._open_writer(), self._owner
+        keep, expires = {run.id for run in self._stepping}, self._clock() + self.lease
+        with contextlib.suppress(DurableError):  # after every queued insert: none is orphaned
+            await writer.submit(lambda journal: journal.release(owner, keep, expires))
 
-        with contextlib.suppress(DurableError):
-            await writer.submit(release)
+    async def _close_shut(self) -> None:
+        """Phase 5: commit what is queued, close the journal, end the threads."""
+        writer, reader, pool = self._writer, self._reader, self._pool
+        assert writer is not None and reader is not None and pool is not None
+        loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, writer.stop)
-        writer._conn.close()
-        if self._reader_conn is not None:
-            await loop.run_in_executor(reader, self._reader_conn.close)
+        writer.journal.close()
+        if self._reader_journal is not None:
+            await loop.run_in_executor(reader, self._reader_journal.close)
         reader.shutdown(wait=True)
         pool.shutdown()
-        self._writer = self._reader = self._pool = self._reader_conn = None
+        self._writer = self._reader = self._pool = self._reader_journal = None
         self._timers.clear()
         self._stalls.clear()
 
@@ -1949,54 +2435,39 @@ class Durable:
 
     # Journal access.
 
-    async def _query(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `fn` on the reader connection, in the reader thread."""
+    async def _query(self, fn: Callable[[_SqliteJournal], _T]) -> _T:
+        """Run `fn` on the reader's journal, in the reader thread."""
         self._open_writer()
-        conn, reader = self._reader_conn, self._reader
-        assert conn is not None and reader is not None
+        journal, reader = self._reader_journal, self._reader
+        assert journal is not None and reader is not None
 
         def query() -> _T:
             try:
-                return fn(conn)
-            except sqlite3.Error as exc:
-                raise _journal_error("journal read failed", exc) from None
+                return fn(journal)
+            except journal.failures as exc:
+                raise journal.error("journal read failed", exc) from None
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(reader, query)
+            future = asyncio.get_running_loop().run_in_executor(reader, query)
         except RuntimeError:  # the executor shut down under us
             raise DurableError(f"{self!r} was closed") from None
-
-    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        return await self._query(lambda conn: conn.execute(sql, params).fetchall())
+        return await future
 
     def _threads_checkpoint(self) -> bool:
         """Whether sync steps' threads commit their own checkpoints: only while every
         running workflow could have a thread waiting on its commit. With more running
         workflows than threads, waiting threads would cap each batch below the number
         of workflows ready to share it."""
-        return len(self._running) <= self.max_threads
+        return len(self._runs) <= self.max_threads
 
-    def _fenced(self, workflow_id: str, owner: str, rows: list[_Row],
-                outcome: _Outcome | None, touch: bool) -> _Op:
-        """An operation writing step `rows` and the workflow's `outcome` (if any) only if
-        `owner` holds the workflow unfinished; `touch` marks it running first."""
-        flat = tuple(itertools.chain.from_iterable(rows))
+    def _thread_started(self, run: _Run) -> None:
+        run.threads += 1
+        self._stepping.add(run)
 
-        def op(conn: sqlite3.Connection) -> None:
-            if outcome is not None or touch:
-                now = time.time()
-                fence = (conn.execute(_FINISH_WORKFLOW, (*outcome, now, now, workflow_id, owner))
-                         if outcome is not None
-                         else conn.execute(_TOUCH_WORKFLOW, (now, workflow_id, owner)))
-                if fence.rowcount != 1:
-                    raise _why_fenced(conn, workflow_id)
-                if rows:
-                    conn.execute(_put_steps(len(rows), False), flat)
-            elif rows and conn.execute(_put_steps(len(rows), True),
-                                       (*flat, workflow_id, owner)).rowcount != len(rows):
-                raise _why_fenced(conn, workflow_id)
-
-        return op
+    def _thread_done(self, run: _Run) -> None:
+        run.threads -= 1
+        if not run.threads:
+            self._stepping.discard(run)
 
     # Running.
 
@@ -2032,9 +2503,9 @@ class Durable:
             ) from None
         digest = hashlib.sha256(canonical.encode()).hexdigest()
         insert = _Insert(id, workflow.name, text, digest, self._owner)
-        if not workflow.is_async and not self._running and not self._queued \
+        if not workflow.is_async and not self._runs and not self._queued \
                 and self._pool is not None and not self._pool.busy:
-            return await self._run_at_once(id, workflow, text, insert)
+            return await self._run_at_once(workflow, text, insert)
 
         caller = contextvars.copy_context()  # the workflow runs in a copy of it
 
@@ -2048,52 +2519,58 @@ class Durable:
             created, state, known_owner = await writer.submit(insert, start)
         except JournalError as failure:
             created, state, known_owner = await self._recorded(insert, failure)
-        if not created and state in _UNFINISHED and not self._here(id) and (
-                known_owner is None or known_owner == self._owner
-                or _owner_is_dead(known_owner, self._host)):
-            await self._resume([(id, known_owner, True)])  # recorded, but nobody runs it
+        if not created:
+            await self._resume_if_nobody_runs(id, state, known_owner)
         return Handle(self, id, created)
 
-    async def _run_at_once(self, workflow_id: str, workflow: _Workflow, text: str,
-                           insert: _Insert) -> Handle:
+    async def _resume_if_nobody_runs(self, workflow_id: str, state: str,
+                                     owner: str | None) -> None:
+        """run() found the workflow recorded: resume it here if it is unfinished and
+        nobody runs it (no holder, this process, or a holder here that died)."""
+        if state in _UNFINISHED and not self._here(workflow_id) and (
+                owner is None or owner == self._owner or _owner_is_dead(owner, self._host)):
+            await self._resume([(workflow_id, owner, True)])
+
+    async def _run_at_once(self, workflow: _Workflow, text: str, insert: _Insert) -> Handle:
         """run() of a generator workflow when nothing else runs here: a step thread
         commits the insert, answers run(), and starts the workflow there at once
-        (Context._start_here), sparing the trips from the writer thread to the event
-        loop and from the loop to a step thread."""
+        (_go_on), sparing the trips from the writer thread to the event loop and from
+        the loop to a step thread."""
         writer, pool = self._open_writer(), self._pool
         assert pool is not None
         loop = asyncio.get_running_loop()
         inserted: asyncio.Future[tuple[bool, str, str | None]] = loop.create_future()
-        started: asyncio.Future[_Ahead | None] = loop.create_future()
-        ctx = Context(self, workflow_id, workflow.retry or self._default_retry, {})
-        ctx._new = False  # until the insert says so: it may be a duplicate
+        started: asyncio.Future[_Handback | None] = loop.create_future()
+        run = _Run(self, workflow, insert.id, text, {})
+        run.new = False  # until the insert says so: it may be a duplicate
         data = _loads(text)
-        ctx._gen = gen = workflow.fn(ctx, *data["args"], **data["kwargs"])
+        run.gen = gen = workflow.fn(run.context, *data["args"], **data["kwargs"])
         # Registered before the thread begins: a run() meanwhile finds it running here,
         # cancel() and close() can stop it, and max_running counts it.
-        self._contexts[workflow_id] = ctx
-        task = loop.create_task(
-            self._run_workflow(workflow_id, workflow, text, {}, (ctx, gen, started)),
-            name=f"durable:{workflow_id}")
-        self._running[workflow_id] = task
-        # Waiters on ctx are woken by the task's end even if it never got to run.
-        task.add_done_callback(lambda _: ctx._ended(ctx._outcome))
-        self._stepping[workflow_id] = self._stepping.get(workflow_id, 0) + 1
+        self._launch(run, (gen, started))
+        self._thread_started(run)
 
         def commit() -> tuple[bool, Any]:
             outcome = writer.commit_here(insert, True)
-            ctx._new = outcome[0] and outcome[1][0]
+            run.new = outcome[0] and outcome[1][0]
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 targets: list[asyncio.Future[Any] | _Then] = [inserted]
                 loop.call_soon_threadsafe(_settle, targets, [outcome])
             return outcome
 
-        def go_on(outcome: tuple[bool, Any]) -> _Ahead | None:
-            return ctx._start_here(outcome, lambda: started.cancelled()
-                                   or self._closing or ctx._abort is not None)
+        def stopped() -> bool:
+            return started.cancelled() or self._closing or run.stop is not None
+
+        def go_on(outcome: tuple[bool, Any]) -> _Handback | None:
+            ok, value = outcome
+            if not ok or not value[0] or stopped():
+                return None  # not new, refused, or stopped meanwhile: not started here
+            back = _go_on(run, None, None, stopped)
+            assert back is None or isinstance(back, _Handback)
+            return back
 
         def done(ok: bool, value: Any) -> None:
-            self._step_thread_done(workflow_id)
+            self._thread_done(run)
             targets: list[asyncio.Future[Any] | _Then] = [started]
             if not ok:  # dropped at close, before the insert: run() gets the error too
                 targets.append(inserted)
@@ -2102,20 +2579,18 @@ class Durable:
         pool.submit(commit, (), {}, done, None, go_on)
         # Not shielded: the thread goes on with its own copy of the outcome, whether
         # or not the caller of run() is still there to take it.
+        assert run.task is not None
         try:
             created, state, known_owner = await inserted
         except DurableError as failure:  # refused: the task ends at once, starting nothing
-            await asyncio.wait([task])
+            await asyncio.wait([run.task])
             if not isinstance(failure, JournalError):
                 raise
             created, state, known_owner = await self._recorded(insert, failure)
         if not created:
-            await asyncio.wait([task])  # it ends at once; then see who runs the workflow
-            if state in _UNFINISHED and not self._here(workflow_id) and (
-                    known_owner is None or known_owner == self._owner
-                    or _owner_is_dead(known_owner, self._host)):
-                await self._resume([(workflow_id, known_owner, True)])
-        return Handle(self, workflow_id, created)
+            await asyncio.wait([run.task])  # it ends at once; then see who runs the workflow
+            await self._resume_if_nobody_runs(insert.id, state, known_owner)
+        return Handle(self, insert.id, created)
 
     async def _recorded(self, insert: _Insert, failure: JournalError
                         ) -> tuple[bool, str, str | None]:
@@ -2123,184 +2598,105 @@ class Durable:
         say). A run() of a workflow already recorded needs no write: answer it from a
         read, which WAL allows meanwhile. Anything else raises the failure."""
         try:
-            rows = await self._read(_SELECT_IDENTITY, (insert.id,))
+            known = await self._query(lambda journal: journal.identity(insert.id))
         except JournalError:
             raise failure from None
-        if not rows:
+        if known is None:
             raise failure
-        return insert._known(*rows[0])
+        return insert.known(*known)
 
     async def get(self, id: str) -> Handle:
         """The handle of an existing workflow; raises NotFound for an unknown id."""
         _check_id(id)
-        if not await self._read(_SELECT_OUTCOME, (id,)):
+        if await self._query(lambda journal: journal.outcome(id)) is None:
             raise NotFound(f"no workflow has id {id!r}")
         return Handle(self, id, False)
 
     def _here(self, workflow_id: str) -> bool:
         """Whether this process runs the workflow or has it waiting for its turn."""
-        return workflow_id in self._running or workflow_id in self._queued
+        return workflow_id in self._runs or workflow_id in self._queued
 
     def _start(self, workflow_id: str, workflow: _Workflow, text: str,
                journal: dict[int, _JournaledStep]) -> None:
         if self._closing or workflow_id in self._queued:
             return
-        old = self._running.get(workflow_id)
-        if old is not None:
+        old = self._runs.get(workflow_id)
+        if old is not None and old.task is not None:
             # A task of this id's earlier life (cancelled, then pruned) is still waiting
             # for its step thread: the new workflow starts when that task has ended.
-            old.add_done_callback(
+            old.task.add_done_callback(
                 lambda _: self._start(workflow_id, workflow, text, journal))
             return
-        if self.max_running is not None and len(self._running) >= self.max_running:
+        if self.max_running is not None and len(self._runs) >= self.max_running:
             self._queued[workflow_id] = (workflow.name, text, journal or None)
             return
-        task = asyncio.get_running_loop().create_task(
-            self._run_workflow(workflow_id, workflow, text, journal),
-            name=f"durable:{workflow_id}",
-        )
-        self._running[workflow_id] = task
+        self._launch(_Run(self, workflow, workflow_id, text, journal))
 
-    async def _run_workflow(self, workflow_id: str, workflow: _Workflow, text: str,
-                            journal: dict[int, _JournaledStep],
-                            started: tuple[Context, Generator[Any, Any, Any],
-                                           asyncio.Future[_Ahead | None]] | None = None
+    def _launch(self, run: _Run, started: tuple[Generator[Any, Any, Any],
+                                                asyncio.Future[_Handback | None]] | None = None
+                ) -> None:
+        run.task = asyncio.get_running_loop().create_task(
+            self._run_workflow(run, started), name=f"durable:{run.id}")
+        self._runs[run.id] = run
+        run.task.add_done_callback(functools.partial(self._ended, run))
+
+    def _ended(self, run: _Run, task: asyncio.Task[Any]) -> None:
+        # Also for a task cancelled before it began (close), whose code never ran.
+        if self._runs.get(run.id) is run:
+            del self._runs[run.id]
+            self._start_queued()
+        run.ended(run.outcome)  # waiters are woken even if it never got to run
+
+    async def _run_workflow(self, run: _Run,
+                            started: tuple[Generator[Any, Any, Any],
+                                           asyncio.Future[_Handback | None]] | None = None
                             ) -> _Outcome | None:
         """Run the workflow to its end; return the outcome committed (state, result,
         error), or None if it stopped unfinished (or `started` did not start it)."""
-        if started is None:
-            ctx = Context(self, workflow_id, workflow.retry or self._default_retry, journal)
-        else:
-            ctx = started[0]
-        self._contexts[workflow_id] = ctx
+        workflow = run.workflow
         try:
             try:
-                if workflow.is_async:
-                    data = _loads(text)
-                    value = await workflow.fn(ctx, *data["args"], **data["kwargs"])
+                if started is not None:
+                    value = await _drive(run, *started)
+                    if value is _NOT_STARTED:
+                        return None
                 else:
-                    if started is None:
-                        data = _loads(text)
-                        value = await _drive(
-                            workflow.fn(ctx, *data["args"], **data["kwargs"]), ctx)
-                    else:
-                        value = await _drive(started[1], ctx, started[2])
-                        if value is _NOT_STARTED:
-                            return None
-                    if isinstance(value, _Committed):  # a step thread wrote the end
-                        self._stalls.pop(workflow_id, None)
-                        return ctx._ended(value.outcome)
-                if ctx._abort is not None:
-                    raise ctx._abort
-                if ctx._journal:
-                    seq = min(ctx._journal)
-                    raise NonDeterminismError(
-                        f"workflow {workflow_id!r} ended after {ctx._seq} step(s), but the "
-                        f"journal has step {seq} {ctx._journal[seq].name!r}: the code changed "
-                        "under a running workflow"
-                    )
-                try:
-                    outcome: _Outcome = ("done", _dumps(value), None)
-                except (TypeError, ValueError) as exc:
-                    raise TypeError(f"the workflow returned a value that is not JSON: {exc}") \
-                        from None
+                    data = _loads(run.text, run.id)
+                    body = workflow.fn(run.context, *data["args"], **data["kwargs"])
+                    value = await (body if workflow.is_async else _drive(run, body))
+                if isinstance(value, _Committed):  # a step thread wrote the end
+                    self._stalls.pop(run.id, None)
+                    return run.ended(value.outcome)
+                outcome = _ending(run, value)
             except Exception as exc:
-                # A NonDeterminismError wins even when the workflow code caught it.
-                error = _error_of(ctx._abort if isinstance(ctx._abort, Exception) else exc)
-                outcome = ("failed", None, _dumps(error))
-                _log.error("workflow %r failed: %s: %s", workflow_id, error["type"],
-                           error["message"])
-            if isinstance(ctx._abort, _Interrupted):
-                raise ctx._abort
-            await ctx._write([], outcome)
-            self._stalls.pop(workflow_id, None)
-            return ctx._ended(outcome)  # committed: waiters here need no journal read
+                outcome = _failure(run, exc)
+            if isinstance(run.stop, _Interrupted):
+                raise run.stop
+            await run.write([], outcome)
+            self._stalls.pop(run.id, None)
+            return run.ended(outcome)  # committed: waiters here need no journal read
         except _Interrupted as stop:
             if isinstance(stop, _Fenced):
                 _log.log(stop.level, "%s", stop)
             elif not self._closing:
                 cause = stop.args[0] if stop.args else stop
-                self._retry_later(workflow_id, cause)
+                self._retry_later(run.id, cause)
             else:  # steps that returned while close() waited: record their results
-                await ctx._record_pending()
+                await run.record_pending()
             return None
         finally:
-            if self._running.get(workflow_id) is asyncio.current_task():
-                del self._running[workflow_id]
-                del self._contexts[workflow_id]
-            ctx._ended(ctx._outcome)  # stopped unfinished: waiters look at the journal
+            if self._runs.get(run.id) is run:
+                del self._runs[run.id]
+            run.ended(run.outcome)  # stopped unfinished: waiters look at the journal
             self._start_queued()
 
     def _start_queued(self) -> None:
         """Start waiting workflows while there is room."""
         while self._queued and self.max_running is not None \
-                and len(self._running) < self.max_running and not self._closing:
+                and len(self._runs) < self.max_running and not self._closing:
             workflow_id = next(iter(self._queued))
             name, text, journal = self._queued.pop(workflow_id)
             self._start(workflow_id, self._registry[name], text, journal or {})
-
-    async def _invoke(self, workflow_id: str, call: _StepCall, begin: _Op | None = None,
-                      ahead: Callable[[Any, Callable[[], bool]], Any] | None = None,
-                      halted: Callable[[], bool] = lambda: False) -> Any:
-        """Run a step. A sync step runs in a step thread; `begin`, its checkpoint,
-        is then committed by that thread just before (one trip instead of two), and a
-        failed commit raises _BeginFailed with fn not run. A generator workflow's steps
-        run in copies of its context; an async workflow's, in its task's (a copy of it
-        for a sync step)."""
-        ctx = call._ctx
-        if call.is_async:
-            assert begin is None
-            step = call.fn(*call.args, **call.kwargs)
-            if ctx._gen is None:
-                return await step
-            return await asyncio.get_running_loop().create_task(step, context=ctx._vars.copy())
-        assert self._pool is not None and self._writer is not None
-        future = asyncio.get_running_loop().create_future()
-        # Counted until the thread returns, even if the workflow is cancelled first:
-        # close() must not hand a workflow to another process while its step still runs.
-        self._stepping[workflow_id] = self._stepping.get(workflow_id, 0) + 1
-
-        def done(ok: bool, value: Any) -> None:
-            self._step_thread_done(workflow_id)
-            if future.cancelled():
-                return
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(_step_error(value))
-
-        checkpoint: Callable[[], BaseException | None] | None = None
-        if begin is not None:
-            writer, pool = self._writer, self._pool
-
-            def checkpoint() -> BaseException | None:
-                # In the step thread. A workflow cancelled or closing meanwhile
-                # neither checkpoints nor runs the step.
-                if future.cancelled() or self._closing or halted():
-                    return _Interrupted("the workflow stopped before the step began")
-                ok, value = writer.commit_here(begin, pool.busy <= 1)
-                return None if ok else value
-
-        after: Callable[[Any], Any] | None = None
-        if ahead is not None:
-            def after(value: Any) -> Any:
-                return ahead(value, lambda: future.cancelled() or self._closing or halted())
-
-        self._pool.submit(call.fn, call.args, call.kwargs, done, checkpoint, after,
-                          None if ctx._gen is None else ctx._vars.copy())
-        ctx._steps_due += 1
-        try:
-            value = await future
-        finally:
-            ctx._steps_due -= 1
-        if inspect.isawaitable(value):
-            value = await value
-        return value
-
-    def _step_thread_done(self, workflow_id: str) -> None:
-        left = self._stepping.pop(workflow_id, 1) - 1
-        if left:
-            self._stepping[workflow_id] = left
 
     async def _wait(self, workflow_id: str) -> _Outcome:
         """Wait until the workflow is finished; return its state, result and error."""
@@ -2310,30 +2706,26 @@ class Durable:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 continue
-            task, ctx = self._running.get(workflow_id), self._contexts.get(workflow_id)
-            running_here = task is not None and ctx is not None and not ctx._stopped
-            if running_here:
-                assert ctx is not None
+            run = self._runs.get(workflow_id)
+            running_here = run is not None and not run.fenced
+            if run is not None and running_here:
                 waiter = asyncio.get_running_loop().create_future()
-                ctx._waiters.append(waiter)  # woken when it ends here or is stopped
+                run.waiters.append(waiter)  # woken when it ends here or is stopped
                 try:
                     await waiter
                 finally:
-                    ctx._waiters.remove(waiter)
-                if ctx._outcome is not None:
-                    return ctx._outcome
-            rows = await self._read(_SELECT_OUTCOME, (workflow_id,))
-            if not rows:
+                    run.waiters.remove(waiter)
+                if run.outcome is not None:
+                    return run.outcome
+            outcome = await self._query(lambda journal: journal.outcome(workflow_id))
+            if outcome is None:
                 raise NotFound(f"no workflow has id {workflow_id!r}")
-            if rows[0][0] in _FINISHED:
-                return rows[0][0], rows[0][1], rows[0][2]
+            if outcome[0] in _FINISHED:
+                return outcome
             if not running_here:
                 # Running in another process, or waiting to be resumed: look again later.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
-
-    async def _status(self, workflow_id: str) -> Status:
-        return await self._query(lambda conn: _read_status(conn, workflow_id))
 
     # Operating it.
 
@@ -2343,10 +2735,11 @@ class Durable:
         not resume the workflow; `result()` raises WorkflowCancelled. Returns False,
         changing nothing, when the workflow had finished already."""
         _check_id(id)
-        cancelled = bool(await self._open_writer().submit(lambda conn: _cancel(conn, id)))
-        ctx = self._contexts.get(id)
-        if cancelled and ctx is not None:
-            ctx._stop(_Fenced(id, "it was cancelled", logging.INFO))
+        cancelled = bool(await self._open_writer().submit(
+            lambda journal: _cancel(journal, id)))
+        run = self._runs.get(id)
+        if cancelled and run is not None:
+            run.halt(_Fenced(id, "it was cancelled", logging.INFO))
         if cancelled:
             self._queued.pop(id, None)  # waiting for its turn: it never starts
         return cancelled
@@ -2357,7 +2750,7 @@ class Durable:
         if registered here, else in the next process that registers it. Returns the
         position of the step it restarts from (0: from the top)."""
         _check_id(id)
-        seq = int(await self._open_writer().submit(lambda conn: _retry(conn, id)))
+        seq = int(await self._open_writer().submit(lambda journal: _retry(journal, id)))
         await self._adopt_orphans()
         return seq
 
@@ -2368,7 +2761,7 @@ class Durable:
         cutoff = time.time() - _seconds(older_than, "older_than")
         writer, total = self._open_writer(), 0
         while True:  # in slices, so that other writes are not held up for long
-            deleted = int(await writer.submit(lambda conn: _prune(conn, cutoff, 500)))
+            deleted = int(await writer.submit(lambda journal: _prune(journal, cutoff, 500)))
             total += deleted
             if deleted < 500:
                 return total
@@ -2376,14 +2769,14 @@ class Durable:
     # Recovery.
 
     async def _renew(self, *, forget: bool = False) -> None:
-        """Renew this process's lease: one row, however many workflows it holds."""
-        me, lease = self._owner, self.lease
+        """Renew this process's lease: one row, however many workflows it holds. Its
+        times come from the lease clock, which a jump of the system clock does not move."""
+        me, lease, clock = self._owner, self.lease, self._clock
 
-        def renew(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            conn.execute(_RENEW_OWNER, (me, now + lease))
-            if forget:  # leases of processes long gone that hold nothing
-                conn.execute(_FORGET_OWNERS, (now - 10 * lease,))
+        def renew(journal: _SqliteJournal) -> None:
+            now = clock()
+            # With `forget`: the leases of processes long gone that hold nothing.
+            journal.renew(me, now + lease, now - 10 * lease if forget else None)
 
         await self._open_writer().submit(renew)
 
@@ -2401,36 +2794,40 @@ class Durable:
                              "(%s); trying again in %.1fs", exc, self._tick)
 
     async def _check_sleepers(self) -> None:
-        napping = [wf_id for wf_id, ctx in self._contexts.items() if ctx._napping is not None]
+        napping = [run for run in self._runs.values() if run.napping is not None]
         if not napping:
             return
 
-        def read(conn: sqlite3.Connection) -> list[tuple[str, Any]]:
-            return [(wf_id, conn.execute(_SELECT_STATES, (wf_id,)).fetchone())
-                    for wf_id in napping]
+        def read(journal: _SqliteJournal) -> list[tuple[_Run, _Fenced]]:
+            stopped = []
+            for run in napping:
+                row = journal.state(run.id)
+                if row is None or row[0] not in _UNFINISHED or row[1] != self._owner:
+                    stopped.append((run, _why_fenced(journal, run.id)))
+            return stopped
 
-        for wf_id, row in await self._query(read):
-            ctx = self._contexts.get(wf_id)
-            if ctx is not None and (row is None or row[0] not in _UNFINISHED
-                                    or row[1] != self._owner):
-                why = functools.partial(_why_fenced, workflow_id=wf_id)
-                ctx._stop(await self._query(why))
+        for run, why in await self._query(read):
+            if self._runs.get(run.id) is run:
+                run.halt(why)
 
     async def _adopt_orphans(self, *, opening: bool = False) -> int:
         """Take over every unfinished workflow registered here that no live process
-        holds: no owner, an owner whose lease ran out, or a dead process on this
-        machine (pid and start time tell). Returns how many were started."""
-        now = time.time()
+        holds: no owner, a dead process on this machine (pid and start time tell), or
+        a process elsewhere whose lease ran out. A live process on this machine is never
+        taken over, whatever the clocks say. Returns how many were started."""
+        now = self._clock()
         candidates: list[tuple[str, str | None, bool]] = []
         strangers: dict[str, int] = {}
-        verdicts: dict[str, bool] = {}
-        for wf_id, name, owner, expires in await self._read(_SELECT_ORPHANS, (self._owner,)):
-            dead = owner is not None and verdicts.setdefault(
-                owner, _owner_is_dead(owner, self._host))
-            if owner is not None and not dead and expires is not None and expires >= now:
-                continue  # a live owner with a live lease
+        verdicts: dict[str, bool | None] = {}
+        for wf_id, name, owner, expires in await self._query(
+                lambda journal: journal.orphans(self._owner)):
+            alive = None if owner is None else verdicts.setdefault(
+                owner, _liveness(owner, self._host))
+            if alive or (alive is None and owner is not None and expires is not None
+                         and expires >= now):
+                continue  # alive on this machine, or elsewhere with a live lease
             if name in self._registry:
-                candidates.append((wf_id, owner, dead))
+                candidates.append((wf_id, owner, alive is False))
             else:
                 strangers[name] = strangers.get(name, 0) + 1
         if opening:
@@ -2449,33 +2846,19 @@ class Durable:
         """Claim each (id, owner seen, owner known dead) whose owner is unchanged and
         dead or without a live lease, then start it from its journal. Returns how many
         were started."""
-        me = self._owner
+        me, clock = self._owner, self._clock
         # Not while a task of ours for the id is still winding down: it must be fenced
         # and gone first, or it could write again under the claim renewed for it.
         candidates = [c for c in candidates if not self._here(c[0])]
 
-        def claim(conn: sqlite3.Connection) -> list[str]:
-            now = time.time()
+        def claim(journal: _SqliteJournal) -> list[str]:
+            now = clock()
             return [wf_id for wf_id, owner, dead in candidates
-                    if conn.execute(_CLAIM, (me, now, wf_id, owner, dead, now)).rowcount]
+                    if journal.claim(me, wf_id, owner, dead, now)]
 
         claimed = await self._open_writer().submit(claim)
-
-        def load(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            conn.execute("BEGIN")
-            try:
-                if len(claimed) > 64:  # many: two scans beat a query per workflow
-                    return (conn.execute(_SELECT_OWNED, (me,)).fetchall(),
-                            conn.execute(_SELECT_OWNED_STEPS, (me,)).fetchall())
-                workflows, steps = [], []
-                for wf_id in claimed:
-                    workflows += conn.execute(_SELECT_INPUT, (wf_id,)).fetchall()
-                    steps += conn.execute(_SELECT_REPLAY, (wf_id,)).fetchall()
-                return workflows, steps
-            finally:
-                conn.execute("COMMIT")
-
-        workflows, steps = await self._query(load) if claimed else ([], [])
+        workflows, steps = await self._query(
+            lambda journal: journal.load(me, claimed)) if claimed else ([], [])
         journals: dict[str, dict[int, _JournaledStep]] = {}
         for wf_id, seq, *step in steps:
             journals.setdefault(wf_id, {})[seq] = _JournaledStep(*step)
@@ -2511,6 +2894,7 @@ class Durable:
             await self._resume([(workflow_id, self._owner, True)])
         except DurableError as exc:
             self._retry_later(workflow_id, exc)
+            self._retry_later(workflow_id, exc)
 
 
 # COMMAND LINE: python durable.py JOURNAL list|show|retry|cancel|prune
@@ -2543,14 +2927,24 @@ def _utc(timestamp: float | None) -> str:
         f".{int(timestamp % 1 * 1000):03d}"
 
 
+def _printable(text: str) -> str:
+    r"""`text` for a terminal: control and other non-printable characters escaped (\x1b,
+    \n, \u202e), so that journal text cannot clear the screen, fake a row or turn the
+    rest of the line around."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _table(rows: list[list[str]]) -> str:
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
                      .rstrip() for row in rows)
 
 
 def _error_text(error: dict[str, Any] | None) -> str:
-    return f"{error.get('type')}: {error.get('message')}" if error else ""
+    return _printable(f"{error.get('type')}: {error.get('message')}") if error else ""
 
 
 def _where_now(status: Status) -> str:
@@ -2572,7 +2966,7 @@ def _where_now(status: Status) -> str:
         else:
             where = f"running step {last.seq} {last.name!r}, attempt {last.attempts}, " \
                     f"for {time.time() - last.updated_at:.1f}s"
-    return f"{where}\n  held by: {_holder(status)}"
+    return f"{_printable(where)}\n  held by: {_printable(_holder(status))}"
 
 
 def _holder(status: Status) -> str:
@@ -2590,13 +2984,13 @@ def _holder(status: Status) -> str:
 
 
 def _show(status: Status) -> str:
-    lines = [f"workflow {status.id!r} ({status.name}): {status.state}",
+    lines = [_printable(f"workflow {status.id!r} ({status.name}): {status.state}"),
              f"  created   {_utc(status.created_at)} UTC"]
     if status.finished_at is not None:
         lines.append(f"  finished  {_utc(status.finished_at)} UTC "
                      f"(+{status.finished_at - status.created_at:.3f}s)")
     if status.state == "done":
-        lines.append(f"  result    {_dumps(status.result)}")
+        lines.append(_printable(f"  result    {_ENCODE(status.result)}"))
     rows = [["  #", "step", "state", "attempts", "started", "took", "error"]]
     for step in status.steps:
         took = "" if step.finished_at is None else f"{step.finished_at - step.started_at:.3f}s"
@@ -2613,6 +3007,17 @@ def _show(status: Status) -> str:
         lines += ["", _table(rows)]
     lines += ["", f"  now: {_where_now(status)}"]
     return "\n".join(lines)
+
+
+def _rendered(status: Status, as_json: bool) -> str:
+    """What `show` prints. Rendering recurses (asdict, json.dumps, repr) and fails on a
+    value that was just shallow enough to read: that fails like one too deep to read."""
+    try:
+        if as_json:
+            return json.dumps(dataclasses.asdict(status), indent=2, ensure_ascii=False)
+        return _show(status)
+    except RecursionError:
+        raise _too_deep(status.id) from None
 
 
 def _command_line(argv: Sequence[str] | None = None) -> int:
@@ -2645,14 +3050,14 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
     try:
         if not os.path.exists(args.journal):
             raise JournalError(f"no journal at {args.journal!r}")
-        conn = _connect(args.journal, "FULL", 5.0, create=False)
+        journal = _SqliteJournal(args.journal, create=False)
     except DurableError as exc:
-        print(f"durable: {exc}", file=sys.stderr)
+        print(f"durable: {_printable(str(exc))}", file=sys.stderr)
         return 1
     try:
         output: Any
         if args.command == "list":
-            rows = conn.execute(_SELECT_LIST, (args.state, args.state, args.limit)).fetchall()
+            rows = journal.listing(args.state, args.limit)
             output = [{"id": r[0], "name": r[1], "state": r[2], "created_at": r[3],
                        "updated_at": r[4], "finished_at": r[5], "steps": r[6]} for r in rows]
             text = _table([["ID", "WORKFLOW", "STATE", "STEPS", "CREATED (UTC)", "TOOK"]] + [
@@ -2661,17 +3066,16 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
                  else f"{w['finished_at'] - w['created_at']:.3f}s"] for w in output
             ]) if output else "no workflows"
         elif args.command == "show":
-            status = _read_status(conn, args.id)
-            output, text = dataclasses.asdict(status), _show(status)
+            output, text = None, _rendered(_read_status(journal, args.id), args.json)
         elif args.command == "cancel":
-            with _transaction(conn):
-                cancelled = _cancel(conn, args.id)
+            with journal.transaction():
+                cancelled = _cancel(journal, args.id)
             output = {"id": args.id, "cancelled": cancelled}
             text = f"cancelled workflow {args.id!r}" if cancelled else \
                 f"workflow {args.id!r} had finished already; nothing to cancel"
         elif args.command == "retry":
-            with _transaction(conn):
-                seq = _retry(conn, args.id)
+            with journal.transaction():
+                seq = _retry(journal, args.id)
             output = {"id": args.id, "restarts_at_step": seq}
             where = f"step {seq}" if seq else "the top"
             text = (f"workflow {args.id!r} is pending again and restarts at {where}; a "
@@ -2680,20 +3084,25 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
         else:
             cutoff, pruned = time.time() - age, 0
             while True:
-                with _transaction(conn):
-                    deleted = _prune(conn, cutoff, 500)
+                with journal.transaction():
+                    deleted = _prune(journal, cutoff, 500)
                 pruned += deleted
                 if deleted < 500:
                     break
             output = {"pruned": pruned}
             text = f"pruned {pruned} finished workflow(s) older than {args.age}"
-    except (DurableError, sqlite3.Error) as exc:
-        print(f"durable: {exc}", file=sys.stderr)
+    except DurableError as exc:
+        print(f"durable: {_printable(str(exc))}", file=sys.stderr)
+        return 1
+    except journal.failures as exc:
+        print(f"durable: {journal.error('journal access failed', exc)}", file=sys.stderr)
         return 1
     finally:
-        conn.close()
+        journal.close()
     try:
-        print(json.dumps(output, indent=2, ensure_ascii=False) if args.json else text)
+        # `show` renders its JSON itself (output None), to fail cleanly if it cannot.
+        print(json.dumps(output, indent=2, ensure_ascii=False)
+              if args.json and output is not None else text)
         sys.stdout.flush()
     except BrokenPipeError:  # `| head` closed the pipe: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -145,12 +145,12 @@ def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(d
     async def main(dur: Durable) -> int:
         async with dur:
             assert dur._writer is not None
-            return int(dur._writer._conn.execute("PRAGMA synchronous").fetchone()[0])
+            return int(dur._writer.journal._conn.execute("PRAGMA synchronous").fetchone()[0])
 
     assert arun(main(Durable(db))) == 2  # FULL
     assert arun(main(Durable(db, synchronous="NORMAL"))) == 1
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(db, "PRAGMA user_version") == [(len(durable._MIGRATIONS),)]
+    assert rows(db, "PRAGMA user_version") == [(len(durable._SqliteJournal.MIGRATIONS),)]
 
 
 @pytest.mark.parametrize("settings", [
@@ -394,7 +394,7 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
             started = time.monotonic()
             handles = [await dur.run(f"m{i}", wf) for i in range(6)]
             assert time.monotonic() - started < 1  # run() does not wait for a slot
-            assert len(dur._running) == 2  # the others wait as plain values, not tasks
+            assert len(dur._runs) == 2  # the others wait as plain values, not tasks
             states = {(await h.status()).state for h in handles}
             assert "pending" in states  # the waiting ones are recorded, not yet started
             again = await dur.run("m4", wf)  # a duplicate of a waiting one starts nothing
@@ -403,7 +403,7 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
             assert [await h.result() for h in handles[:5]] == [f"m{i}" for i in range(5)]
             with pytest.raises(WorkflowCancelled):
                 await handles[5].result()
-            assert not dur._running  # nothing is left waiting for a slot
+            assert not dur._runs  # nothing is left waiting for a slot
             # close() with workflows still waiting for a slot ends at once; they stay
             # unfinished in the journal and run at the next open.
             for i in range(6, 10):

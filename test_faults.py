@@ -640,7 +640,7 @@ def test_full_journal_refuses_new_work_keeps_accepted_work_and_recovers(
             while count(journal, "SELECT count(*) FROM steps") < 2:
                 await asyncio.sleep(0.01)
             assert dur._writer is not None
-            conn = dur._writer._conn  # the journal's own connection: cap its size here
+            conn = dur._writer.journal._conn  # the journal's own connection: cap its size here
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count = {pages}")
             with pytest.raises(JournalError, match="full"):

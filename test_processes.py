@@ -23,7 +23,15 @@ from test_app import ORDER, Service
 HERE = Path(__file__).resolve().parent
 
 WORKER = textwrap.dedent("""
-    import asyncio, json, logging, os, sys, time
+    import asyncio, json, logging, os, socket, sys, time
+
+    if "MACHINE" in os.environ:  # as if on a machine of its own, sharing the journal
+        socket.gethostname = lambda: os.environ["MACHINE"]
+    if "CLOCK_AHEAD" in os.environ:  # the clock jumps forward (once CLOCK_FROM exists)
+        real_time, ahead = time.time, float(os.environ["CLOCK_AHEAD"])
+        jump = os.environ.get("CLOCK_FROM")
+        time.time = lambda: real_time() + (ahead if not jump or os.path.exists(jump) else 0)
+
     from durable import Durable, RetryPolicy
 
     logging.basicConfig(level=logging.INFO)
@@ -157,13 +165,15 @@ def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(tmp_path: Path)
     assert "took over 1 workflow(s)" in err
 
 
-def test_paused_process_is_taken_over_after_its_lease_and_then_fenced(tmp_path: Path) -> None:
+def test_paused_process_elsewhere_is_taken_over_after_its_lease_and_then_fenced(
+        tmp_path: Path) -> None:
     workers = Workers(tmp_path)
     try:
-        holder = workers.start("start", LEASE="1.5", HANG_TWO="3")
+        # On two machines: the survivor cannot see whether the holder lives, only its lease.
+        holder = workers.start("start", LEASE="1.5", HANG_TWO="3", MACHINE="machine-a")
         workers.wait_for_mark(("wf", "two"), holder)
         holder.send_signal(signal.SIGSTOP)  # alive, but no longer renewing its lease
-        survivor = workers.start("standby", LEASE="1.5", HANG_THREE="2")
+        survivor = workers.start("standby", LEASE="1.5", HANG_THREE="2", MACHINE="machine-b")
         workers.wait_for_mark(("wf", "three"), survivor)  # taken over, still running
         holder.send_signal(signal.SIGCONT)  # its step two returns now, too late
         late, err = workers.outcome(holder)
@@ -180,6 +190,46 @@ def test_paused_process_is_taken_over_after_its_lease_and_then_fenced(tmp_path: 
     assert steps == [(1, "done", str(holder.pid)), (2, "done", str(survivor.pid)),
                      (3, "done", str(survivor.pid))]
     assert [step for _, step, _ in workers.ran()] == ["one", "two", "two", "three"]
+
+
+def test_a_live_process_on_this_machine_is_never_taken_over_when_the_clock_jumps_past_its_lease(
+        tmp_path: Path) -> None:
+    workers = Workers(tmp_path)
+    try:
+        holder = workers.start("start", LEASE="1.5", HANG_TWO="2")
+        workers.wait_for_mark(("wf", "two"), holder)
+        holder.send_signal(signal.SIGSTOP)  # alive, its lease left to run out
+        # A neighbour whose clock is an hour ahead (NTP after a VM resumed) sees every
+        # lease long expired, and looks every half second.
+        neighbour = workers.start("standby", LEASE="1.5", CLOCK_AHEAD="3600")
+        workers.wait_for_file(tmp_path / "marks.txt.ready", neighbour)
+        time.sleep(2.5)
+        # The holder is alive on this machine: its work is not taken, whatever the clocks.
+        assert [step for _, step, _ in workers.ran()] == ["one", "two"]
+        holder.send_signal(signal.SIGCONT)
+        outcome, _ = workers.outcome(holder)
+        seen, _ = workers.outcome(neighbour)
+    finally:
+        workers.kill_all()
+    assert outcome["result"] == seen["result"] == [holder.pid] * 3
+    assert [step for _, step, _ in workers.ran()] == ["one", "two", "three"]
+
+
+def test_a_process_whose_clock_jumps_renews_its_lease_by_the_time_that_really_passed(
+        tmp_path: Path) -> None:
+    workers = Workers(tmp_path)
+    try:
+        holder = workers.start("start", LEASE="1.5", HANG_TWO="60", CLOCK_AHEAD="3600",
+                               CLOCK_FROM=str(tmp_path / "jump"))
+        workers.wait_for_mark(("wf", "two"), holder)
+        (tmp_path / "jump").touch()  # its clock is an hour ahead from now on
+        time.sleep(1.5)  # three renewals
+        with sqlite3.connect(workers.db) as conn:
+            (expires,), = conn.execute("SELECT expires_at FROM owners").fetchall()
+    finally:
+        workers.kill_all()
+    # Renewed for the lease from now, not for an hour more than that.
+    assert time.time() < expires < time.time() + 1.5 + 1
 
 
 # The order service with several processes on one orders.db.
