@@ -763,7 +763,7 @@ class _SqliteJournal:
             limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
             per = max(1, (limit - 2) // self._STEP_WIDTH)
         for first in range(0, len(rows), per):
-            part = rows[first:first + per]
+            part = rows if per >= len(rows) else rows[first:first + per]
             flat = tuple(itertools.chain.from_iterable(part))
             if fenced:  # the first statement checks the fence for the transaction
                 if conn.execute(self._put_steps(len(part), True),
@@ -1761,23 +1761,16 @@ def _go_on(run: _Run, step: _Step | None, value: Any, stopped: Callable[[], bool
     workflow here while its next calls are fresh sync steps, committing each
     checkpoint from this thread, so that the loop is not needed between one step and
     the next. Returns `value` untouched if it did not go on, else a _Handback."""
-    durable, gen = run.durable, run.gen
-    writer, pool = durable._writer, durable._pool
-    if gen is None or writer is None or pool is None:  # ended or closed meanwhile
+    gen = run.gen
+    if gen is None or run.durable._writer is None:  # ended or closed meanwhile
         return value if step is not None else None
     went_on = step is None
     while True:
         send = None
         if step is not None:
-            if (run.stop is not None or run.journal or stopped()
-                    or not durable._threads_checkpoint() or inspect.isawaitable(value)):
+            done, send = _done_here(run, step, value, stopped)
+            if not done:
                 return _Handback(step=step, value=value) if went_on else value
-            try:
-                text = _dumps(value)
-            except (TypeError, ValueError):  # the loop fails the step with a clear error
-                return _Handback(step=step, value=value) if went_on else value
-            row, send = _done(step, text)
-            run.pending.append(row)
         went_on = True
         try:
             call = run.vars.run(gen.send, send)
@@ -1790,18 +1783,45 @@ def _go_on(run: _Run, step: _Step | None, value: Any, stopped: Callable[[], bool
         if not _begins_here(run, call) or stopped():
             return _Handback(call=call)
         assert isinstance(call, _StepCall)
-        opened = _open_step(run, call)
-        assert isinstance(opened, _Step)  # nothing left to replay
-        step = opened
-        begin = _begin(step)
-        assert begin is not None  # a fresh step has attempts left
-        ok, result = writer.commit_here(_checkpoint(run, [begin]), pool.busy <= 1)
-        if not ok:
-            return _Handback(write_error=result)
+        began = _begin_here(run, call)
+        if isinstance(began, _Handback):
+            return began
+        step = began
         try:
             value = run.vars.copy().run(call.fn, *call.args, **call.kwargs)
         except BaseException as exc:
             return _Handback(step=step, ok=False, value=exc)
+
+
+def _done_here(run: _Run, step: _Step, value: Any, stopped: Callable[[], bool]
+               ) -> tuple[bool, Any]:
+    """In a step thread, `step` returned `value`: (True, what the workflow gets) with
+    the done row deferred, when the thread may go on; (False, None) when the loop is
+    to judge it (stopped, replaying, crowded, an awaitable, not JSON)."""
+    if (run.stop is not None or run.journal or stopped()
+            or not run.durable._threads_checkpoint() or inspect.isawaitable(value)):
+        return False, None
+    try:
+        text = _dumps(value)
+    except (TypeError, ValueError):  # the loop fails the step with a clear error
+        return False, None
+    row, result = _done(step, text)
+    run.pending.append(row)
+    return True, result
+
+
+def _begin_here(run: _Run, call: _StepCall) -> _Step | _Handback:
+    """In a step thread: open a fresh step and commit its begin row (with the
+    deferred ones) from here; a _Handback if the commit failed."""
+    writer, pool = run.durable._writer, run.durable._pool
+    if writer is None or pool is None:  # closed meanwhile
+        return _Handback(call=call)
+    step = _open_step(run, call)
+    assert isinstance(step, _Step)  # nothing left to replay
+    begin = _begin(step)
+    assert begin is not None  # a fresh step has attempts left
+    ok, result = writer.commit_here(_checkpoint(run, [begin]), pool.busy <= 1)
+    return step if ok else _Handback(write_error=result)
 
 
 def _finish_here(run: _Run, value: Any, stopped: Callable[[], bool]) -> _Handback:
@@ -1818,14 +1838,12 @@ def _finish_here(run: _Run, value: Any, stopped: Callable[[], bool]) -> _Handbac
     return _Handback(finished=outcome) if ok else _Handback(write_error=result)
 
 
-async def _settled(ok: bool, value: Any) -> tuple[bool, Any]:
-    """A sync step that returned an awaitable: its awaited outcome."""
-    if ok and inspect.isawaitable(value):
-        try:
-            return True, await value
-        except Exception as exc:
-            return False, exc
-    return ok, value
+async def _settled(value: Any) -> tuple[bool, Any]:
+    """The outcome of a sync step that returned an awaitable: what it gives."""
+    try:
+        return True, await value
+    except Exception as exc:
+        return False, exc
 
 
 async def _execute(run: _Run, call: _Call, began: _Handback | None = None) -> Any:
@@ -1846,14 +1864,18 @@ async def _execute(run: _Run, call: _Call, began: _Handback | None = None) -> An
     while True:
         if began is not None:
             began = None
-            kind, row, result = _verdict(step, *await _settled(ok, value))
+            if ok and inspect.isawaitable(value):
+                ok, value = await _settled(value)
+            kind, row, result = _verdict(step, ok, value)
         elif (begin := _begin(step)) is None:  # out of attempts (the process died in the last)
             kind, row, result = _failed(step)
         else:
             ok, value = await _attempt(run, step, begin)
             if ok and isinstance(value, _Handback):
                 return value
-            kind, row, result = _verdict(step, *await _settled(ok, value))
+            if ok and inspect.isawaitable(value):
+                ok, value = await _settled(value)
+            kind, row, result = _verdict(step, ok, value)
         if kind == "done":
             run.defer(row)
             return result
