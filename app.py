@@ -130,7 +130,14 @@ def providers(*, write: bool = True) -> Iterator[sqlite3.Connection]:
 
 def setup_providers() -> None:
     with contextlib.closing(sqlite3.connect(PROVIDERS_DB, timeout=30)) as conn:
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Workers of `uvicorn --workers N` start together: switching a new file to WAL
+        # is refused at once (not after the busy timeout) while another one holds it.
+        for pause in (0.01 * 2 ** n for n in range(10)):
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError:
+                time.sleep(pause)
         conn.executescript(_SCHEMA)
     with providers() as conn:
         conn.executemany("INSERT OR IGNORE INTO stock (sku, available) VALUES (?, ?)",
