@@ -44,19 +44,6 @@ HERE = Path(__file__).resolve().parent
 FAST = RetryPolicy(max_attempts=3, initial_delay=0, jitter=0)
 
 
-def arun(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
-def count(db: Path, table: str) -> int:
-    return rows(db, f"SELECT count(*) FROM {table}")[0][0]
-
-
 def failure(dur: Durable, wf: Any) -> WorkflowFailed:
     """Run `wf` once in `dur`; it must fail. Its WorkflowFailed."""
     async def main() -> WorkflowFailed:
@@ -65,12 +52,7 @@ def failure(dur: Durable, wf: Any) -> WorkflowFailed:
                 await (await dur.run("failing", wf)).result()
             return info.value
 
-    return arun(main())
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "journal.db"
+    return asyncio.run(main())
 
 
 # Registration.
@@ -135,20 +117,21 @@ def test_registered_name_is_recorded_and_usable_in_run(db: Path) -> None:
             assert await handle.result() == "ADA"
             assert (await handle.status()).name == "greeting"
 
-    arun(main())
+    asyncio.run(main())
 
 
 # Settings and the journal file.
 
 
-def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(db: Path) -> None:
+def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(
+        db: Path, rows: Any) -> None:
     async def main(dur: Durable) -> int:
         async with dur:
             assert dur._writer is not None
             return int(dur._writer._conn.execute("PRAGMA synchronous").fetchone()[0])
 
-    assert arun(main(Durable(db))) == 2  # FULL
-    assert arun(main(Durable(db, synchronous="NORMAL"))) == 1
+    assert asyncio.run(main(Durable(db))) == 2  # FULL
+    assert asyncio.run(main(Durable(db, synchronous="NORMAL"))) == 1
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
     assert rows(db, "PRAGMA user_version") == [(len(durable._MIGRATIONS),)]
 
@@ -172,7 +155,7 @@ def test_file_that_is_not_a_database_is_refused_and_left_untouched(db: Path) -> 
     db.write_bytes(b"this is a text file, not SQLite\n" * 100)
     before = db.read_bytes()
     with pytest.raises(JournalError, match=r"not a durable\.py journal"):
-        arun(Durable(db).open())
+        asyncio.run(Durable(db).open())
     assert db.read_bytes() == before
 
 
@@ -181,7 +164,7 @@ def test_sqlite_database_of_another_application_is_refused_and_left_untouched(db
         conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
     before = db.read_bytes()
     with pytest.raises(JournalError, match=r"not a durable\.py journal"):
-        arun(Durable(db).open())
+        asyncio.run(Durable(db).open())
     assert db.read_bytes() == before
 
 
@@ -190,16 +173,16 @@ def test_journal_with_a_newer_schema_is_refused_with_advice(db: Path) -> None:
         async with Durable(db):
             pass
 
-    arun(touch())
+    asyncio.run(touch())
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA user_version = 99")
     with pytest.raises(JournalError, match=r"upgrade durable\.py"):
-        arun(touch())
+        asyncio.run(touch())
 
 
 def test_journal_in_a_missing_directory_gives_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="cannot open journal"):
-        arun(Durable(tmp_path / "nope" / "j.db").open())
+        asyncio.run(Durable(tmp_path / "nope" / "j.db").open())
 
 
 def test_run_before_open_says_how_to_open(db: Path) -> None:
@@ -210,10 +193,10 @@ def test_run_before_open_says_how_to_open(db: Path) -> None:
         yield ctx.run(str)
 
     with pytest.raises(DurableError, match="async with dur"):
-        arun(dur.run("x", wf))
+        asyncio.run(dur.run("x", wf))
 
 
-def test_journal_holds_json_only(db: Path) -> None:
+def test_journal_holds_json_only(db: Path, rows: Any) -> None:
     dur = Durable(db)
 
     @dur.register
@@ -225,7 +208,7 @@ def test_journal_holds_json_only(db: Path) -> None:
         async with dur:
             await (await dur.run("j1", wf, {"items": [{"price": 5}, {"price": 7}]})).result()
 
-    arun(main())
+    asyncio.run(main())
     (text, result), = rows(db, "SELECT input, result FROM workflows")
     assert json.loads(text) == {"args": [{"items": [{"price": 5}, {"price": 7}]}], "kwargs": {}}
     assert json.loads(result) == {"total": 12}
@@ -235,7 +218,7 @@ def test_journal_holds_json_only(db: Path) -> None:
 # Running: the two workflow forms and steps.
 
 
-def test_run_returns_only_after_the_workflow_is_committed(db: Path) -> None:
+def test_run_returns_only_after_the_workflow_is_committed(db: Path, rows: Any) -> None:
     dur = Durable(db)
     gate = threading.Event()
 
@@ -251,15 +234,17 @@ def test_run_returns_only_after_the_workflow_is_committed(db: Path) -> None:
                 rows(db, "SELECT id, state FROM workflows") == [("c1", "running")]
             gate.set()
 
-    arun(main())
+    asyncio.run(main())
 
 
-def _journal_of(db: Path, wf_id: str) -> list[tuple[Any, ...]]:
-    return rows(db, "SELECT seq, name, state, attempts, result FROM steps "
-                    "WHERE workflow_id = ? ORDER BY seq", (wf_id,))
+@pytest.fixture
+def journal_of(rows: Any) -> Any:
+    """journal_of(db, wf_id): the workflow's steps as (seq, name, state, attempts, result)."""
+    return lambda db, wf_id: rows(db, "SELECT seq, name, state, attempts, result FROM steps "
+                                      "WHERE workflow_id = ? ORDER BY seq", (wf_id,))
 
 
-def test_generator_and_async_workflows_have_the_same_semantics(db: Path) -> None:
+def test_generator_and_async_workflows_have_the_same_semantics(db: Path, journal_of: Any) -> None:
     dur = Durable(db, retry=FAST)
     ran: list[str] = []
 
@@ -301,10 +286,10 @@ def test_generator_and_async_workflows_have_the_same_semantics(db: Path) -> None
             b = await (await dur.run("a", async_wf, {"sku": "w"})).result()
             return [a, b]
 
-    a, b = arun(main())
+    a, b = asyncio.run(main())
     assert a == b == {"held": {"sku": "w", "qty": 2}, "released": True,
                       "why": "card declined for 100"}
-    assert _journal_of(db, "g") == _journal_of(db, "a")
+    assert journal_of(db, "g") == journal_of(db, "a")
     assert ran == ["reserve", "charge", "release"] * 2
 
 
@@ -336,7 +321,7 @@ def test_sync_steps_run_in_worker_threads_and_do_not_block_the_event_loop(db: Pa
             tick.cancel()
         return ticks
 
-    ticks = arun(main())
+    ticks = asyncio.run(main())
     assert threads and threads[0] != threading.get_ident()
     assert ticks >= 10  # the loop kept turning while the step slept in its thread
 
@@ -364,11 +349,12 @@ def test_sync_steps_share_a_bounded_pool_of_threads(db: Path) -> None:
             handles = [await dur.run(f"p{i}", wf) for i in range(6)]
             await asyncio.gather(*(h.result() for h in handles))
 
-    arun(main())
+    asyncio.run(main())
     assert peak == 2
 
 
-def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Path) -> None:
+def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(
+        db: Path, rows: Any) -> None:
     dur = Durable(db, max_running=2)
     inside, peak = 0, 0
     starts: dict[str, int] = {}
@@ -409,7 +395,7 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
             for i in range(6, 10):
                 await dur.run(f"m{i}", wf)
 
-    arun(main())
+    asyncio.run(main())
     assert peak == 2
     assert all(starts[f"m{i}"] == 1 for i in range(5)) and "m5" not in starts
     assert rows(db, "SELECT count(*) FROM workflows WHERE state IN ('pending', 'running')") \
@@ -421,11 +407,12 @@ def test_max_running_bounds_workflows_at_once_and_the_rest_wait_recorded(db: Pat
         async with again:
             return [await (await again.get(f"m{i}")).result() for i in range(6, 10)]
 
-    assert arun(reopen()) == [f"m{i}" for i in range(6, 10)]
+    assert asyncio.run(reopen()) == [f"m{i}" for i in range(6, 10)]
     assert peak == 2
 
 
-def test_consecutive_sync_steps_go_on_in_their_thread_without_the_event_loop(db: Path) -> None:
+def test_consecutive_sync_steps_go_on_in_their_thread_without_the_event_loop(
+        db: Path, rows: Any) -> None:
     # A generator workflow's next sync step begins in the thread that ran the last one:
     # steps go on while the event loop is busy, and the journal is the same.
     dur = Durable(db, retry=FAST)
@@ -458,7 +445,7 @@ def test_consecutive_sync_steps_go_on_in_their_thread_without_the_event_loop(db:
             unblocked = time.monotonic()
             return await handle.result(timeout=10), unblocked
 
-    result, unblocked = arun(main())
+    result, unblocked = asyncio.run(main())
     assert result == "ABCFLAKY"
     assert ran_at["c"] < unblocked
     assert rows(db, "SELECT seq, name, state, attempts, result FROM steps ORDER BY seq") == [
@@ -468,7 +455,7 @@ def test_consecutive_sync_steps_go_on_in_their_thread_without_the_event_loop(db:
     assert [f["error"]["type"] for f in failures] == ["ConnectionError"]
 
 
-def test_a_workflow_run_alone_starts_in_a_step_thread(db: Path) -> None:
+def test_a_workflow_run_alone_starts_in_a_step_thread(db: Path, rows: Any) -> None:
     # With nothing else running, run() hands a generator workflow to a step thread that
     # commits the insert, answers run() and starts the workflow there: its code up to
     # the first step runs in that thread, not the event loop's. With another workflow
@@ -503,7 +490,7 @@ def test_a_workflow_run_alone_starts_in_a_step_thread(db: Path) -> None:
             release.set()
             assert await held.result() == "HOLD-AHOLD-B"
 
-    arun(main())
+    asyncio.run(main())
     assert began_in["alone"].startswith("durable-step-")
     assert began_in["hold"].startswith("durable-step-")
     assert began_in["second"] == threading.main_thread().name
@@ -541,7 +528,7 @@ def test_workflow_code_between_sync_steps_sees_its_own_context_variables(db: Pat
                 REQUEST_ID.set(f"req-{tag}")
                 await (await dur.run(tag, wf, tag)).result()
 
-    arun(main())
+    asyncio.run(main())
     assert seen == [("A", "req-A"), ("A", "set-by-A"), ("B", "req-B"), ("B", "set-by-B")]
 
 
@@ -602,7 +589,7 @@ def test_a_workflow_keeps_its_context_variables_wherever_its_code_runs(
             if held is not None:
                 await held.result(timeout=10)
 
-    arun(main())
+    asyncio.run(main())
     assert seen == [
         (tag, where, request_id, None) for tag in ("A", "B") for where, request_id in [
             ("start", f"req-{tag}"), ("in async step", f"set-by-{tag}"),
@@ -611,7 +598,7 @@ def test_a_workflow_keeps_its_context_variables_wherever_its_code_runs(
 
 
 def test_done_is_true_for_a_finished_workflow_while_a_duplicate_run_is_answered(
-        db: Path) -> None:
+        db: Path, lambda_free_workflow: Any) -> None:
     # A duplicate run() of a finished workflow goes the alone path too; until its insert
     # answers, done() must still read the journal rather than trust the new context.
     dur = Durable(db)
@@ -629,10 +616,11 @@ def test_done_is_true_for_a_finished_workflow_while_a_duplicate_run_is_answered(
                 assert not (await again).created
             return answers
 
-    assert arun(main()) == [True] * 20
+    assert asyncio.run(main()) == [True] * 20
 
 
-def test_no_step_of_a_cancelled_workflow_starts_even_if_its_id_is_reused(db: Path) -> None:
+def test_no_step_of_a_cancelled_workflow_starts_even_if_its_id_is_reused(
+        db: Path, rows: Any) -> None:
     # Cancelled while its code runs between two steps (in a step thread), then pruned
     # and its id used again: the old workflow's next step never runs or writes.
     dur = Durable(db)
@@ -663,7 +651,7 @@ def test_no_step_of_a_cancelled_workflow_starts_even_if_its_id_is_reused(db: Pat
             await asyncio.sleep(0.5)  # the old workflow's code has long returned
             return result
 
-    assert arun(main()) == 1
+    assert asyncio.run(main()) == 1
     assert ("old", 2) not in ran
     assert rows(db, "SELECT seq, name, state FROM steps ORDER BY seq") == [(1, "only", "done")]
 
@@ -682,7 +670,7 @@ def test_async_steps_are_awaited_on_the_event_loop(db: Path) -> None:
         async with dur:
             return await (await dur.run("s", wf)).result()
 
-    assert arun(main()) == threading.get_ident()
+    assert asyncio.run(main()) == threading.get_ident()
 
 
 def test_step_options_never_collide_with_the_steps_own_keyword_arguments(db: Path) -> None:
@@ -705,7 +693,7 @@ def test_step_options_never_collide_with_the_steps_own_keyword_arguments(db: Pat
                 await handle.result()
             return await handle.status()
 
-    status = arun(main())
+    status = asyncio.run(main())
     assert seen == [(1, "mine", "theirs")] * 2
     assert [(s.name, s.attempts) for s in status.steps] == [("custom", 2)]
 
@@ -738,13 +726,14 @@ def test_retry_policy_is_taken_from_step_then_workflow_then_durable(db: Path) ->
                 attempts.append((await handle.status()).steps[0].attempts)
         return attempts
 
-    assert arun(main()) == [4, 3, 2]
+    assert asyncio.run(main()) == [4, 3, 2]
 
 
 # Idempotency.
 
 
-def test_same_id_and_arguments_returns_the_existing_workflow_without_new_work(db: Path) -> None:
+def test_same_id_and_arguments_returns_the_existing_workflow_without_new_work(
+        db: Path, count: Any) -> None:
     dur = Durable(db)
     ran: list[int] = []
 
@@ -759,7 +748,7 @@ def test_same_id_and_arguments_returns_the_existing_workflow_without_new_work(db
             again = await dur.run("i1", wf, 21, label="x")
             assert not again.created and await again.result() == 42
 
-    arun(main())
+    asyncio.run(main())
     assert ran == [21]
     assert count(db, "workflows") == 1
 
@@ -776,10 +765,11 @@ def test_keyword_order_does_not_change_the_idempotency_hash(db: Path) -> None:
             await dur.run("k", wf, a={"x": 1, "y": 2}, b=2)
             return (await dur.run("k", wf, b=2, a={"y": 2, "x": 1})).created
 
-    assert arun(main()) is False
+    assert asyncio.run(main()) is False
 
 
-def test_same_id_with_different_arguments_raises_conflict_and_changes_nothing(db: Path) -> None:
+def test_same_id_with_different_arguments_raises_conflict_and_changes_nothing(
+        db: Path, rows: Any) -> None:
     dur = Durable(db)
 
     @dur.register
@@ -800,10 +790,10 @@ def test_same_id_with_different_arguments_raises_conflict_and_changes_nothing(db
                 await dur.run("i2", other, 1)
             assert rows(db, "SELECT * FROM workflows") == before
 
-    arun(main())
+    asyncio.run(main())
 
 
-def test_a_refused_run_does_not_disturb_the_others_committed_with_it(db: Path) -> None:
+def test_a_refused_run_does_not_disturb_the_others_committed_with_it(db: Path, rows: Any) -> None:
     dur = Durable(db)
 
     @dur.register
@@ -818,7 +808,7 @@ def test_a_refused_run_does_not_disturb_the_others_committed_with_it(db: Path) -
                 dur.run("a", wf, 1), dur.run("taken", wf, 2), dur.run("b", wf, 1),
                 return_exceptions=True)
 
-    a, conflict, b = arun(main())
+    a, conflict, b = asyncio.run(main())
     assert isinstance(conflict, IdempotencyConflict)
     assert a.created and b.created
     assert sorted(r[0] for r in rows(db, "SELECT id FROM workflows")) == ["a", "b", "taken"]
@@ -848,13 +838,13 @@ def test_concurrent_duplicate_runs_in_one_process_execute_once(db: Path) -> None
             results = await asyncio.gather(*(h.result() for h in handles))
             return [sum(h.created for h in handles), results]
 
-    created, results = arun(main())
+    created, results = asyncio.run(main())
     assert created == 1
     assert results == [{"id": 7}] * 50
     assert ran == ["validate", "charge"]
 
 
-def test_many_runs_committed_together_answer_as_if_one_after_another(db: Path) -> None:
+def test_many_runs_committed_together_answer_as_if_one_after_another(db: Path, rows: Any) -> None:
     # Inserts queued together are written in one statement: duplicates and conflicts
     # inside one batch must still get the answers a one-by-one order would give.
     dur = Durable(db)
@@ -879,7 +869,7 @@ def test_many_runs_committed_together_answer_as_if_one_after_another(db: Path) -
             results = [await (await dur.get(f"w{i}")).result() for i in range(300)]
             return [outcomes, results]
 
-    outcomes, results = arun(main())
+    outcomes, results = asyncio.run(main())
     for i in range(300):
         first, again, other_args, other_name = outcomes[4 * i:4 * i + 4]
         assert (first.created, again.created) == (True, False)
@@ -909,7 +899,8 @@ def test_many_runs_committed_together_answer_as_if_one_after_another(db: Path) -
     ("ok", (1,), {"nope": 1}, "do not fit"),
 ])
 def test_bad_input_to_run_is_refused_before_anything_is_written(
-        db: Path, wf_id: Any, args: tuple[Any, ...], kwargs: dict[str, Any], message: str) -> None:
+        db: Path, wf_id: Any, args: tuple[Any, ...], kwargs: dict[str, Any], message: str,
+        count: Any) -> None:
     dur = Durable(db)
 
     @dur.register
@@ -921,11 +912,11 @@ def test_bad_input_to_run_is_refused_before_anything_is_written(
             with pytest.raises(InvalidInput, match=message):
                 await dur.run(wf_id, wf, *args, **kwargs)
 
-    arun(main())
+    asyncio.run(main())
     assert count(db, "workflows") == 0
 
 
-def test_unregistered_workflow_is_refused_before_anything_is_written(db: Path) -> None:
+def test_unregistered_workflow_is_refused_before_anything_is_written(db: Path, count: Any) -> None:
     dur = Durable(db)
 
     def stray(ctx):
@@ -938,7 +929,7 @@ def test_unregistered_workflow_is_refused_before_anything_is_written(db: Path) -
             with pytest.raises(InvalidInput, match="not a registered workflow"):
                 await dur.run("u", "no-such-name")
 
-    arun(main())
+    asyncio.run(main())
     assert count(db, "workflows") == 0
 
 
@@ -953,7 +944,7 @@ def test_an_id_of_255_characters_is_accepted(db: Path) -> None:
         async with dur:
             return (await dur.run("x" * 255, wf)).created
 
-    assert arun(main())
+    assert asyncio.run(main())
 
 
 # Retries and failures.
@@ -980,7 +971,7 @@ def test_transient_failure_is_retried_and_attempts_are_journaled(db: Path) -> No
             assert await handle.result() == "ok"
             return await handle.status()
 
-    status = arun(main())
+    status = asyncio.run(main())
     assert calls == 3
     assert [(s.state, s.attempts) for s in status.steps] == [("done", 3)]
 
@@ -999,7 +990,7 @@ def test_each_retry_logs_a_warning_and_a_failed_workflow_logs_an_error(
                 await (await dur.run("log", wf)).result()
 
     with caplog.at_level(logging.WARNING, logger="durable"):
-        arun(main())
+        asyncio.run(main())
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(warnings) == 2 and "ZeroDivisionError" in warnings[0].getMessage()
@@ -1031,7 +1022,7 @@ def test_retries_wait_between_attempts(db: Path) -> None:
                 await handle.result()
             return time.monotonic() - start
 
-    assert arun(main()) >= 0.1 + 0.2
+    assert asyncio.run(main()) >= 0.1 + 0.2
 
 
 def test_default_retry_policy_is_finite() -> None:
@@ -1088,7 +1079,7 @@ def test_uncaught_step_failure_fails_the_workflow_with_type_and_message(db: Path
                 await handle.result()
             return info.value, await handle.status(), await handle.done()
 
-    failed, status, done = arun(main())
+    failed, status, done = asyncio.run(main())
     assert failed.error_type == "ConnectionRefusedError"
     assert status.state == "failed" and done
     assert status.error["type"] == "ConnectionRefusedError"
@@ -1103,7 +1094,7 @@ class Abort(BaseException):
                          ids=["BaseException", "CancelledError"])
 @pytest.mark.parametrize("form", ["generator", "async"])
 def test_step_raising_a_base_exception_fails_its_workflow_after_its_attempts(
-        db: Path, raised: BaseException, form: str) -> None:
+        db: Path, raised: BaseException, form: str, rows: Any) -> None:
     dur = Durable(db, retry=FAST)
     calls = 0
 
@@ -1164,7 +1155,7 @@ def test_workflow_returning_non_json_or_yielding_a_non_step_fails_clearly(db: Pa
                 messages.append(info.value.message)
         return messages
 
-    returned, yielded = arun(main())
+    returned, yielded = asyncio.run(main())
     assert "not JSON" in returned
     assert "yielded 42" in yielded
 
@@ -1225,15 +1216,15 @@ def test_replay_returns_journaled_results_and_reraises_recorded_step_failures(
         async with dur:  # resumes o1
             return await (await dur.get("o1")).result()
 
-    arun(first())
+    asyncio.run(first())
     assert ran == ["reserve", "charge", "release", "notify"]
-    assert arun(second()) == {"failed": "declined", "note": "sent"}
+    assert asyncio.run(second()) == {"failed": "declined", "note": "sent"}
     # Only the unfinished step ran again; the recorded failure was replayed, not re-run.
     assert ran == ["reserve", "charge", "release", "notify", "notify"]
 
 
 def test_changed_step_fails_the_workflow_with_nondeterminism_and_keeps_the_journal(
-        db: Path) -> None:
+        db: Path, count: Any, journal_of: Any) -> None:
     gate = asyncio.Event
 
     def build(second_step: Any) -> tuple[Durable, Any]:
@@ -1268,11 +1259,11 @@ def test_changed_step_fails_the_workflow_with_nondeterminism_and_keeps_the_journ
                 await (await dur.get("nd")).result()
             return info.value
 
-    arun(first())
-    failed = arun(second())
+    asyncio.run(first())
+    failed = asyncio.run(second())
     assert failed.error_type == "NonDeterminismError"
     assert "'renamed'" in failed.message and "'hang'" in failed.message
-    assert [(s, n) for s, n, *_ in _journal_of(db, "nd")] == [(1, "str"), (2, "hang")]
+    assert [(s, n) for s, n, *_ in journal_of(db, "nd")] == [(1, "str"), (2, "hang")]
 
 
 # Handles.
@@ -1284,7 +1275,7 @@ def test_get_of_an_unknown_id_raises_not_found(db: Path) -> None:
             with pytest.raises(NotFound, match="no workflow has id 'ghost'"):
                 await dur.get("ghost")
 
-    arun(main())
+    asyncio.run(main())
 
 
 def test_handle_reports_done_status_and_times_out_while_running(db: Path) -> None:
@@ -1312,7 +1303,7 @@ def test_handle_reports_done_status_and_times_out_while_running(db: Path) -> Non
             assert status.created_at <= status.updated_at <= status.finished_at
             assert [(s.seq, s.name, s.state) for s in status.steps] == [(1, "Event.wait", "done")]
 
-    arun(main())
+    asyncio.run(main())
 
 
 # Recovery after a process dies.
@@ -1362,7 +1353,7 @@ def _recovery_fixture(db: Path, owner: str | None,
         async with dur:
             await (await dur.run("rec", wf)).result()
 
-    arun(start())
+    asyncio.run(start())
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM steps WHERE seq = 2")
         conn.execute("UPDATE workflows SET state = 'running', result = NULL, finished_at = NULL,"
@@ -1381,7 +1372,7 @@ def _resumes(dur: Durable) -> bool:
             await asyncio.sleep(0.2)
             return await (await dur.get("rec")).done()
 
-    return bool(arun(main()))
+    return bool(asyncio.run(main()))
 
 
 def test_open_resumes_unfinished_workflows_of_a_dead_owner_at_once(db: Path) -> None:
@@ -1405,7 +1396,7 @@ def test_open_resumes_workflows_that_no_process_holds(db: Path) -> None:
     assert ran == ["two"]
 
 
-def test_open_leaves_workflows_of_a_live_owner_alone(db: Path) -> None:
+def test_open_leaves_workflows_of_a_live_owner_alone(db: Path, rows: Any) -> None:
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         owner = f"{socket.gethostname()}|{live.pid}|{durable._process_start(live.pid)}|x"
@@ -1433,7 +1424,7 @@ def test_open_leaves_a_live_lease_of_another_machine_alone(db: Path) -> None:
     assert ran == []
 
 
-def test_lease_is_one_row_per_process_renewed_while_open(db: Path) -> None:
+def test_lease_is_one_row_per_process_renewed_while_open(db: Path, rows: Any) -> None:
     dur = Durable(db, lease=0.3)
 
     async def main() -> list[float]:
@@ -1446,7 +1437,7 @@ def test_lease_is_one_row_per_process_renewed_while_open(db: Path) -> None:
         assert rows(db, "SELECT count(*) FROM owners") == [(0,)]  # gone after close
         return seen
 
-    seen = arun(main())
+    seen = asyncio.run(main())
     assert seen == sorted(seen) and seen[0] < seen[-1]
 
 
@@ -1543,7 +1534,7 @@ def test_process_killed_inside_step_two_is_finished_by_the_next_process(tmp_path
     assert worker.ran() == ["step1", "step2", "step2", "step3"]
 
 
-def test_poison_step_stops_after_max_attempts_across_restarts(tmp_path: Path) -> None:
+def test_poison_step_stops_after_max_attempts_across_restarts(tmp_path: Path, rows: Any) -> None:
     worker = Worker(tmp_path)
     for _ in range(3):
         proc = worker.start("poison")
@@ -1558,7 +1549,7 @@ def test_poison_step_stops_after_max_attempts_across_restarts(tmp_path: Path) ->
 
 
 def test_step_replaced_between_crash_and_restart_fails_with_nondeterminism(
-        tmp_path: Path) -> None:
+        tmp_path: Path, rows: Any) -> None:
     worker = Worker(tmp_path)
     worker.kill_inside_step2()
     outcome = worker.finish("changed")
@@ -1574,7 +1565,7 @@ def test_step_replaced_between_crash_and_restart_fails_with_nondeterminism(
 
 @pytest.mark.parametrize("form", ["alone", "two-at-once", "async"])
 def test_close_waits_for_running_sync_steps_records_their_results_and_hands_back(
-        db: Path, form: str) -> None:
+        db: Path, form: str, rows: Any) -> None:
     # Closing is not a crash: a step that returns within the grace ran once, and is
     # not to run again at the next start (the journal records its result).
     runs: Counter[tuple[str, int]] = Counter()
@@ -1615,7 +1606,7 @@ def test_close_waits_for_running_sync_steps_records_their_results_and_hands_back
         async with build() as again:
             return [await (await again.get(wf_id)).result() for wf_id in ids]
 
-    assert arun(main()) == [3] * len(ids)
+    assert asyncio.run(main()) == [3] * len(ids)
     assert runs == {(wf_id, n): 1 for wf_id in ids for n in (1, 2)}
 
 
@@ -1664,11 +1655,11 @@ def test_close_at_any_moment_between_quick_steps_runs_no_returned_step_again(
             assert [key for key, lives in returned.items() if lives != [lives[0]]] == [], i
             returned.clear()
 
-    arun(main())
+    asyncio.run(main())
 
 
 def test_a_step_failing_for_good_while_close_waits_is_recorded_not_retried(
-        db: Path) -> None:
+        db: Path, rows: Any) -> None:
     runs: list[int] = []
 
     def declined() -> None:
@@ -1696,12 +1687,12 @@ def test_a_step_failing_for_good_while_close_waits_is_recorded_not_retried(
         async with build() as again:
             return await (await again.get("w")).result()
 
-    assert arun(main()) == "compensated after Permanent: card declined"
+    assert asyncio.run(main()) == "compensated after Permanent: card declined"
     assert runs == [1]
 
 
 def test_a_step_failing_while_close_waits_keeps_its_error_and_its_next_attempt_runs_at_reopen(
-        db: Path) -> None:
+        db: Path, rows: Any, lambda_free_workflow: Any) -> None:
     calls: list[int] = []
 
     def flaky() -> str:
@@ -1723,7 +1714,7 @@ def test_a_step_failing_while_close_waits_keeps_its_error_and_its_next_attempt_r
         async with build() as again:  # no 30 s backoff: attempt 2 runs at once
             return await (await again.get("w")).result(timeout=5)
 
-    assert arun(main()) == "ok"
+    assert asyncio.run(main()) == "ok"
     assert calls == [1, 1]
     ((attempts, failures),) = rows(db, "SELECT attempts, failures FROM steps")
     assert attempts == 2
@@ -1766,17 +1757,12 @@ def test_a_generator_stopped_while_its_code_runs_in_a_step_thread_still_resets_i
         while not finished and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-    arun(main())
+    asyncio.run(main())
     assert finished == ["reset"]
 
 
-def lambda_free_workflow(step: Any) -> Any:
-    def wf(ctx):
-        return (yield ctx.run(step))
-    return wf
-
-
-def test_close_keeps_holding_a_workflow_whose_step_thread_outlives_the_grace(db: Path) -> None:
+def test_close_keeps_holding_a_workflow_whose_step_thread_outlives_the_grace(
+        db: Path, rows: Any, lambda_free_workflow: Any) -> None:
     gate = threading.Event()
     dur = Durable(db)
     dur.register(name="stuck")(lambda_free_workflow(lambda: gate.wait(10)))
@@ -1791,12 +1777,12 @@ def test_close_keeps_holding_a_workflow_whose_step_thread_outlives_the_grace(db:
         assert rows(db, "SELECT owner FROM workflows") == [(owner,)]
         gate.set()
 
-    arun(main())
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "beside-another"])
 def test_run_cancelled_after_its_insert_was_queued_still_starts_the_workflow(
-        db: Path, alone: bool) -> None:
+        db: Path, alone: bool, count: Any, lambda_free_workflow: Any) -> None:
     # Alone, run() hands the insert to a step thread; beside a running workflow, to
     # the writer thread. Either way a cancelled caller does not stop the workflow.
     dur = Durable(db)
@@ -1821,11 +1807,12 @@ def test_run_cancelled_after_its_insert_was_queued_still_starts_the_workflow(
                 await held.result(timeout=5)
             return result
 
-    arun(main())
+    asyncio.run(main())
     assert ran == [1]
 
 
-def test_run_racing_close_leaves_a_workflow_that_the_next_open_runs(db: Path) -> None:
+def test_run_racing_close_leaves_a_workflow_that_the_next_open_runs(
+        db: Path, rows: Any, lambda_free_workflow: Any) -> None:
     ran: list[int] = []
 
     def build() -> Durable:
@@ -1844,13 +1831,13 @@ def test_run_racing_close_leaves_a_workflow_that_the_next_open_runs(db: Path) ->
         async with build() as again:
             return await (await again.get("r")).result(timeout=5)
 
-    arun(main())
+    asyncio.run(main())
     assert ran == [1]
 
 
 @pytest.mark.parametrize("form", ["generator", "async"])
 def test_steps_in_finally_do_not_run_while_closing_and_the_workflow_resumes(
-        db: Path, form: str) -> None:
+        db: Path, form: str, rows: Any) -> None:
     ran: list[str] = []
 
     async def slow() -> str:
@@ -1889,7 +1876,7 @@ def test_steps_in_finally_do_not_run_while_closing_and_the_workflow_resumes(
         async with build() as dur:
             return await (await dur.get("f1")).result(timeout=5)
 
-    assert arun(main()) == "ok"
+    assert asyncio.run(main()) == "ok"
     assert ran == ["slow", "slow", "cleanup"]
 
 
@@ -1898,17 +1885,17 @@ def test_open_that_fails_leaves_nothing_running_and_can_be_tried_again(db: Path)
         async with dur:
             pass
 
-    arun(open_and_close(Durable(db)))  # a journal to lock
+    asyncio.run(open_and_close(Durable(db)))  # a journal to lock
     dur = Durable(db, busy_timeout=0.05)
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     threads = set(threading.enumerate())
     with pytest.raises(JournalError, match="locked"):
-        arun(dur.open())
+        asyncio.run(dur.open())
     blocker.execute("ROLLBACK")
     blocker.close()
     assert not [t for t in set(threading.enumerate()) - threads if t.name.startswith("durable")]
-    arun(open_and_close(dur))  # not "already open"
+    asyncio.run(open_and_close(dur))  # not "already open"
 
 
 def test_journal_locked_past_busy_timeout_delays_the_workflow_then_it_finishes(
@@ -1934,12 +1921,13 @@ def test_journal_locked_past_busy_timeout_delays_the_workflow_then_it_finishes(
             return await handle.result(timeout=10)
 
     with caplog.at_level(logging.WARNING, logger="durable"):
-        assert arun(main()) == "done"
+        assert asyncio.run(main()) == "done"
     assert "could not write its journal" in caplog.text
     assert "database is locked" in caplog.text
 
 
-def test_code_with_fewer_steps_than_the_journal_fails_with_nondeterminism(db: Path) -> None:
+def test_code_with_fewer_steps_than_the_journal_fails_with_nondeterminism(
+        db: Path, count: Any) -> None:
     gate: dict[str, asyncio.Event] = {}
 
     async def block() -> None:
@@ -1968,7 +1956,7 @@ def test_code_with_fewer_steps_than_the_journal_fails_with_nondeterminism(db: Pa
                 await (await dur.get("n1")).result(timeout=5)
             return info.value
 
-    failed = arun(main())
+    failed = asyncio.run(main())
     assert failed.error_type == "NonDeterminismError"
     assert "'block'" in failed.message
 
@@ -1980,7 +1968,7 @@ def test_code_with_fewer_steps_than_the_journal_fails_with_nondeterminism(db: Pa
     (lambda dur: dur.get(["x"]), "must be a string"),
 ])
 def test_odd_input_gets_a_clear_error_and_writes_nothing(db: Path, call: Any,
-                                                         message: str) -> None:
+                                                         message: str, count: Any) -> None:
     dur = Durable(db)
 
     @dur.register(name="w")
@@ -1992,7 +1980,7 @@ def test_odd_input_gets_a_clear_error_and_writes_nothing(db: Path, call: Any,
             with pytest.raises(InvalidInput, match=message):
                 await call(dur)
 
-    arun(main())
+    asyncio.run(main())
     assert count(db, "workflows") == 0
 
 
