@@ -2,6 +2,7 @@
 
 - `db`, `rows`, `count`: a journal path in the test's folder, and reading any SQLite
   file from outside, as another process would.
+- `fast`: a retry policy that tries three times without waiting.
 - `lambda_free_workflow`: a one-step generator workflow around a function.
 - `order`, `service`, `service_class`: the order service's example order, and
   `python app.py` on a free loopback port (`service` is stopped after the test).
@@ -24,6 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from durable import RetryPolicy
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +62,12 @@ def rows() -> Callable[..., list[Any]]:
 def count() -> Callable[[Path, str], int]:
     """count(db, table): how many rows the table holds."""
     return _count
+
+
+@pytest.fixture
+def fast() -> RetryPolicy:
+    """A retry policy trying three times, without waiting in between."""
+    return RetryPolicy(max_attempts=3, initial_delay=0, jitter=0)
 
 
 def _lambda_free_workflow(step: Any) -> Any:
