@@ -6,11 +6,15 @@
 - `lambda_free_workflow`: a one-step generator workflow around a function.
 - `order`, `service`, `service_class`: the order service's example order, and
   `python app.py` on a free loopback port (`service` is stopped after the test).
+- `route`: a workflow written once, run down each route durable.py can take.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
+import functools
 import json
 import os
 import signal
@@ -18,15 +22,16 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from durable import RetryPolicy
+from durable import Durable, RetryPolicy
 
 HERE = Path(__file__).resolve().parent
 
@@ -198,3 +203,173 @@ def service(tmp_path: Path) -> Iterator[Service]:
         yield svc
     finally:
         svc.stop()
+
+
+# Routes: one workflow, every path through durable.py.
+
+
+ROUTES = ("alone", "beside", "crowded", "async")
+
+
+class Route:
+    """One of the routes a workflow takes through durable.py (see `route`).
+
+    A test writes its workflow once, as a generator function taking ctx (``x = yield
+    ctx.run(step, ...)``), and opens a Durable with `open`, which registers it under
+    the name "wf" in this route's form and sets the scene:
+
+    - alone: nothing else runs, so run() starts the generator in a step thread, which
+      commits the insert and the checkpoints itself (Durable._run_at_once,
+      Context._start_here, _run_ahead, _finish_here);
+    - beside: another workflow is busy in a sync step (blocked on a threading.Event),
+      so the workflow starts on the event loop; after each sync step that returns, its
+      step thread runs the code on to the next step (_attempt, _run_ahead), queueing
+      checkpoints to the writer thread;
+    - crowded: max_threads=1 and two other workflows asleep (ctx.sleep), so more run
+      than there are threads: every checkpoint is written from the loop and the code
+      never leaves it (_threads_checkpoint is false);
+    - async: the same body as an ``async def`` awaiting each ``ctx.run(...)``.
+
+    Wherever durable.py resumes the workflow's code, the route notes the thread, and
+    `check()` asserts that the route was really taken.
+    """
+
+    def __init__(self, name: str) -> None:
+        assert name in ROUTES
+        self.name = name
+        # workflow id -> (session, thread name) for each stretch of its code, in order
+        self.seen: dict[str, list[tuple[int, str]]] = {}
+        self._session = 0
+        self._gates: list[threading.Event] = []
+
+    def __repr__(self) -> str:
+        return f"Route({self.name!r})"
+
+    @contextlib.asynccontextmanager
+    async def open(self, path: Path, workflow: Callable[..., Any], *, name: str = "wf",
+                   **settings: Any) -> AsyncIterator[Durable]:
+        """`async with route.open(db, wf, **settings) as dur:` opens a Durable with `wf`
+        registered as `name` in this route's form, and the route's other workflows
+        already running; on the way out they are let go and the Durable is closed (a
+        test may close it first, with its own grace)."""
+        self._session += 1
+        if self.name == "crowded":
+            assert "max_threads" not in settings, "the crowded route sets max_threads"
+            settings["max_threads"] = 1
+        dur = Durable(path, **settings)
+        dur.register(name=name)(self._form(workflow))
+        gate, holding = threading.Event(), threading.Event()
+        self._gates.append(gate)
+
+        def hold_step() -> None:
+            holding.set()
+            gate.wait(30)
+
+        def hold(ctx):
+            yield ctx.run(hold_step)
+
+        def nap(ctx):
+            yield ctx.sleep(30)
+
+        dur.register(name="route.hold")(hold)
+        dur.register(name="route.nap")(nap)
+        await dur.open()
+        try:
+            if self.name == "beside":
+                await dur.run(f"route-hold-{self._session}", "route.hold")
+                await _until(holding.is_set, "the holding workflow's step to start")
+            elif self.name == "crowded":
+                for i in (1, 2):
+                    napping = await dur.run(f"route-nap-{self._session}-{i}", "route.nap")
+                    deadline = time.monotonic() + 5
+                    while not (await napping.status()).steps:  # its sleep is recorded
+                        assert time.monotonic() < deadline, "a napping workflow did not start"
+                        await asyncio.sleep(0.005)
+            yield dur
+        finally:
+            gate.set()
+            await dur.close()
+
+    def _note(self, workflow_id: str) -> None:
+        self.seen.setdefault(workflow_id, []).append(
+            (self._session, threading.current_thread().name))
+
+    def _form(self, body: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Any]:
+        """`body` as this route's workflow function: a generator or an async def that
+        drives it, sending in each step's result and throwing in what the step
+        raised, as durable.py would into a generator or Python into a coroutine."""
+        note = self._note
+        if self.name == "async":
+            @functools.wraps(body)
+            async def coroutine(ctx, *args, **kwargs):
+                gen = body(ctx, *args, **kwargs)
+                sent, thrown = None, None
+                while True:
+                    note(ctx.id)
+                    try:
+                        call = gen.send(sent) if thrown is None else gen.throw(thrown)
+                    except StopIteration as stop:
+                        return stop.value
+                    try:
+                        sent, thrown = await call, None
+                    except BaseException as exc:  # as `await ctx.run(...)` raises it
+                        sent, thrown = None, exc
+            return coroutine
+
+        @functools.wraps(body)
+        def generator(ctx, *args, **kwargs):
+            gen = body(ctx, *args, **kwargs)
+            sent, thrown = None, None
+            while True:
+                note(ctx.id)
+                try:
+                    call = gen.send(sent) if thrown is None else gen.throw(thrown)
+                except StopIteration as stop:
+                    return stop.value
+                try:
+                    sent, thrown = (yield call), None
+                except GeneratorExit:  # durable.py closes it: close the body too
+                    gen.close()
+                    raise
+                except BaseException as exc:  # StepFailed, thrown in by durable.py
+                    sent, thrown = None, exc
+        return generator
+
+    def check(self, workflow_id: str = "w") -> None:
+        """Assert that the workflow's code ran where this route runs it, in the first
+        Durable that ran it (a restarted one resumes it from the loop on any route)."""
+        seen = self.seen.get(workflow_id)
+        assert seen, f"workflow {workflow_id!r} never ran on route {self.name!r}"
+        threads = [thread for session, thread in seen if session == seen[0][0]]
+        main = threading.main_thread().name
+        in_step = [thread.startswith("durable-step-") for thread in threads]
+        if self.name == "alone":
+            assert in_step[0], f"alone, its code must start in a step thread: {threads}"
+        elif self.name == "beside":
+            assert threads[0] == main and any(in_step[1:]), (
+                f"beside, its code must start on the loop and go on in a step thread "
+                f"after a sync step: {threads}")
+        else:
+            assert set(threads) == {main}, (
+                f"{self.name}, its code must run on the loop only: {threads}")
+
+    def release(self) -> None:
+        for gate in self._gates:
+            gate.set()
+
+
+async def _until(done: Callable[[], bool], what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture(params=ROUTES)
+def route(request: pytest.FixtureRequest) -> Iterator[Route]:
+    """Each route a workflow can take in durable.py; see Route."""
+    taken = Route(request.param)
+    try:
+        yield taken
+    finally:
+        taken.release()  # no holding thread outlives the test
