@@ -432,13 +432,16 @@ def _process_start(pid: int) -> str | None:
 
 def _liveness(owner: str, host: str) -> bool | None:
     """Whether `owner` (a process's "host|pid|start|nonce") is alive: True or False for
-    a process on this host, None for one whose liveness cannot be seen from here (on
-    another machine): only its lease can tell."""
+    another process on this host, None when that cannot be seen from here (a process
+    on another machine, or a Durable of this process, closed or not): only its lease
+    can tell then."""
     parts = owner.split("|")
     if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
         return None
     current = _process_start(int(parts[1]))
-    return not (current is None or (current != "" and current != parts[2]))
+    if current is None or (current != "" and current != parts[2]):
+        return False
+    return None if int(parts[1]) == os.getpid() else True  # this process: its lease tells
 
 
 def _owner_is_dead(owner: str, host: str) -> bool:

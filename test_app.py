@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,111 +18,11 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 
-ORDER: dict[str, Any] = {
-    "id": "ord_1001",
-    "customer": {"id": "cus_alice", "email": "alice@example.com"},
-    "items": [{"sku": "widget-pro", "qty": 2, "price": 2999},
-              {"sku": "widget-cable", "qty": 1, "price": 999}],
-}
-
-
-def order(**changes: Any) -> dict[str, Any]:
-    body = copy.deepcopy(ORDER)
+def changed(order: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of `order` with some of its fields replaced or added."""
+    body = copy.deepcopy(order)
     body.update(changes)
     return body
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Service:
-    """`python app.py` on a free loopback port, with its files in one folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.logs: list[Path] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        return [sys.executable, str(HERE / "app.py")]
-
-    def start(self, *, may_die: bool = False, **env: str) -> Service:
-        """Start, and wait until it answers; with may_die, its dying first (CRASH_AT
-        on a resumed workflow) ends the wait too."""
-        log = self.folder / f"server-{self.port}-{len(self.logs)}.log"
-        self.logs.append(log)
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.command(), cwd=self.folder, stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
-                     "DURABLE_DB": "orders.db", **env},
-            )
-        deadline = time.monotonic() + 20
-        while True:
-            if may_die and self.proc.poll() is not None:
-                return self
-            assert self.proc.poll() is None, self.log()
-            try:
-                httpx.get(f"{self.url}/charges", timeout=1)
-                return self
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, self.log()
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def wait_for_exit(self, timeout: float = 10) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def log(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
-
-    def post(self, body: Any, **kwargs: Any) -> httpx.Response:
-        if not isinstance(body, bytes | str):
-            body = json.dumps(body)
-        kwargs.setdefault("timeout", 10)
-        return httpx.post(f"{self.url}/orders", content=body, **kwargs)
-
-    def status(self, order_id: str) -> httpx.Response:
-        return httpx.get(f"{self.url}/orders/{order_id}/status", timeout=10)
-
-    def finished(self, order_id: str, timeout: float = 15) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            body = dict(self.status(order_id).json())
-            if body["status"] not in ("processing", "not_found"):
-                return body
-            assert time.monotonic() < deadline, (body, self.log())
-            time.sleep(0.05)
-
-    def charges(self) -> list[dict[str, Any]]:
-        return list(httpx.get(f"{self.url}/charges", timeout=10).json()["charges"])
-
-    def stock(self) -> dict[str, int]:
-        return dict(httpx.get(f"{self.url}/inventory", timeout=10).json()["stock"])
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    svc = Service(tmp_path)
-    try:
-        yield svc
-    finally:
-        svc.stop()
 
 
 def step_lines(log: str, step: str, order_id: str) -> list[str]:
@@ -135,9 +32,9 @@ def step_lines(log: str, step: str, order_id: str) -> list[str]:
 # The contract's table, row by row.
 
 
-def test_new_order_is_accepted_with_202_and_finishes_done(service: Service) -> None:
+def test_new_order_is_accepted_with_202_and_finishes_done(service: Any, order: Any) -> None:
     service.start()
-    response = service.post(ORDER)
+    response = service.post(order)
     assert response.status_code == 202
     assert response.json() == {"status": "accepted", "orderId": "ord_1001",
                                "statusUrl": "/orders/ord_1001/status"}
@@ -153,11 +50,11 @@ def test_new_order_is_accepted_with_202_and_finishes_done(service: Service) -> N
     assert "[validate] order ord_1001 - 2 item(s), total $69.97" in service.log()
 
 
-def test_same_body_again_is_replayed_and_runs_nothing_again(service: Service) -> None:
+def test_same_body_again_is_replayed_and_runs_nothing_again(service: Any, order: Any) -> None:
     service.start()
-    first = service.post(ORDER)
+    first = service.post(order)
     service.finished("ord_1001")
-    again = service.post(ORDER)
+    again = service.post(order)
     assert again.status_code == 202
     assert again.json() == first.json()
     assert again.headers["idempotent-replayed"] == "true"
@@ -168,35 +65,36 @@ def test_same_body_again_is_replayed_and_runs_nothing_again(service: Service) ->
 
 
 def test_same_id_with_a_different_body_is_422_and_leaves_the_first_order(
-        service: Service) -> None:
+        service: Any, order: Any) -> None:
     service.start()
-    service.post(ORDER)
+    service.post(order)
     first = service.finished("ord_1001")
-    response = service.post(order(items=[{"sku": "widget-pro", "qty": 9, "price": 2999}]))
+    response = service.post(changed(order, items=[{"sku": "widget-pro", "qty": 9, "price": 2999}]))
     assert response.status_code == 422
     assert "ord_1001" in response.json()["error"]
     assert service.finished("ord_1001") == first
     assert len(service.charges()) == 1
 
 
-def test_running_order_reports_processing_with_its_step(service: Service) -> None:
+def test_running_order_reports_processing_with_its_step(service: Any, order: Any) -> None:
     service.start(FLAKY="reserve")  # the retry wait keeps the order running a moment
-    service.post(ORDER)
+    service.post(order)
     body = service.status("ord_1001").json()
     assert body["status"] == "processing"
     assert set(body) <= {"status", "step", "attempt"}
     assert service.finished("ord_1001")["status"] == "done"
 
 
-def test_unknown_id_is_404_not_found(service: Service) -> None:
+def test_unknown_id_is_404_not_found(service: Any) -> None:
     service.start()
     response = service.status("ord_nope")
     assert (response.status_code, response.json()) == (404, {"status": "not_found"})
 
 
-def test_body_over_64_kib_is_413(service: Service) -> None:
+def test_body_over_64_kib_is_413(service: Any, order: Any) -> None:
     service.start()
-    big = order(customer={"id": "cus_alice", "email": "alice@example.com", "x": "y" * 70_000})
+    big = changed(order, customer={"id": "cus_alice", "email": "alice@example.com",
+                                   "x": "y" * 70_000})
     response = service.post(big)
     assert response.status_code == 413
     assert "64 KiB" in response.json()["error"]
@@ -207,54 +105,59 @@ def test_body_over_64_kib_is_413(service: Service) -> None:
     assert service.status("ord_1001").status_code == 404
 
 
-MALFORMED: list[tuple[Any, str]] = [
-    (b"not json", "not valid JSON"),
-    (b"", "not valid JSON"),
-    (b"\xff\xfe", "not valid JSON"),
-    ([ORDER], "JSON object"),
-    (b"\"ord_1001\"", "JSON object"),
-    (b"42", "JSON object"),
-    ({k: v for k, v in ORDER.items() if k != "id"}, "'id'"),
-    ({k: v for k, v in ORDER.items() if k != "customer"}, "'customer'"),
-    ({k: v for k, v in ORDER.items() if k != "items"}, "'items'"),
-    (order(id=""), "'id'"),
-    (order(id=1001), "'id'"),
-    (order(id="ord 1001"), "'id'"),
-    (order(id="x" * 65), "'id'"),
-    (order(id="ord/1001"), "'id'"),
-    (order(id="."), "'id'"),  # clients resolve "/orders/./status" to "/orders/status"
-    (order(id=".."), "'id'"),
-    (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
-    (b'{"id": "ord_1", "customer": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}",
-     "nested too deeply"),
-    (order(extra=1), "'extra'"),
-    (b'{"id": "ord_1", "customer": {"id": "\\ud800", "email": "a@b.co"}, "items": []}',
-     "not valid Unicode"),
-    (order(customer="cus_alice"), "'customer'"),
-    (order(customer={"id": "cus_alice"}), "'customer.email'"),
-    (order(customer={"id": "cus_alice", "email": "not-an-email"}), "'customer.email'"),
-    (order(customer={"id": 7, "email": "a@b.co"}), "'customer.id'"),
-    (order(items=[]), "'items'"),
-    (order(items={"sku": "widget-pro"}), "'items'"),
-    (order(items=["widget-pro"]), "'items[0]'"),
-    (order(items=[{"sku": "widget-pro", "price": 1}]), "'items[0].qty'"),
-    (order(items=[{"sku": "widget-pro", "qty": True, "price": 1}]), "'items[0].qty'"),
-    (order(items=[{"sku": "widget-pro", "qty": 2.0, "price": 1}]), "'items[0].qty'"),
-    (order(items=[{"sku": "widget-pro", "qty": 0, "price": 1}]), "'items[0].qty'"),
-    (order(items=[{"sku": "widget-pro", "qty": "2", "price": 1}]), "'items[0].qty'"),
-    (order(items=[{"sku": "widget-pro", "qty": 1, "price": 9.99}]), "'items[0].price'"),
-    (order(items=[{"sku": "widget-pro", "qty": 1, "price": -1}]), "'items[0].price'"),
-    (order(items=[{"sku": "widget-pro", "qty": 1, "price": False}]), "'items[0].price'"),
-    (order(items=[{"sku": "", "qty": 1, "price": 1}]), "'items[0].sku'"),
-    (order(items=[ORDER["items"][0], {"sku": "w", "qty": 1, "price": 1, "note": 1}]),
-     "'items[1].note'"),
-]
+def malformed(order: dict[str, Any]) -> list[tuple[Any, str]]:
+    """Bodies the door must refuse, each with what its 400 must name."""
+    def like(**changes: Any) -> dict[str, Any]:
+        return changed(order, **changes)
+
+    return [
+        (b"not json", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        ([order], "JSON object"),
+        (b"\"ord_1001\"", "JSON object"),
+        (b"42", "JSON object"),
+        ({k: v for k, v in order.items() if k != "id"}, "'id'"),
+        ({k: v for k, v in order.items() if k != "customer"}, "'customer'"),
+        ({k: v for k, v in order.items() if k != "items"}, "'items'"),
+        (like(id=""), "'id'"),
+        (like(id=1001), "'id'"),
+        (like(id="ord 1001"), "'id'"),
+        (like(id="x" * 65), "'id'"),
+        (like(id="ord/1001"), "'id'"),
+        (like(id="."), "'id'"),  # clients resolve "/orders/./status" to "/orders/status"
+        (like(id=".."), "'id'"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"id": "ord_1", "customer": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}",
+         "nested too deeply"),
+        (like(extra=1), "'extra'"),
+        (b'{"id": "ord_1", "customer": {"id": "\\ud800", "email": "a@b.co"}, "items": []}',
+         "not valid Unicode"),
+        (like(customer="cus_alice"), "'customer'"),
+        (like(customer={"id": "cus_alice"}), "'customer.email'"),
+        (like(customer={"id": "cus_alice", "email": "not-an-email"}), "'customer.email'"),
+        (like(customer={"id": 7, "email": "a@b.co"}), "'customer.id'"),
+        (like(items=[]), "'items'"),
+        (like(items={"sku": "widget-pro"}), "'items'"),
+        (like(items=["widget-pro"]), "'items[0]'"),
+        (like(items=[{"sku": "widget-pro", "price": 1}]), "'items[0].qty'"),
+        (like(items=[{"sku": "widget-pro", "qty": True, "price": 1}]), "'items[0].qty'"),
+        (like(items=[{"sku": "widget-pro", "qty": 2.0, "price": 1}]), "'items[0].qty'"),
+        (like(items=[{"sku": "widget-pro", "qty": 0, "price": 1}]), "'items[0].qty'"),
+        (like(items=[{"sku": "widget-pro", "qty": "2", "price": 1}]), "'items[0].qty'"),
+        (like(items=[{"sku": "widget-pro", "qty": 1, "price": 9.99}]), "'items[0].price'"),
+        (like(items=[{"sku": "widget-pro", "qty": 1, "price": -1}]), "'items[0].price'"),
+        (like(items=[{"sku": "widget-pro", "qty": 1, "price": False}]), "'items[0].price'"),
+        (like(items=[{"sku": "", "qty": 1, "price": 1}]), "'items[0].sku'"),
+        (like(items=[order["items"][0], {"sku": "w", "qty": 1, "price": 1, "note": 1}]),
+         "'items[1].note'"),
+    ]
 
 
 def test_malformed_bodies_are_400_naming_the_problem_and_write_nothing(
-        service: Service) -> None:
+        service: Any, order: Any) -> None:
     service.start()
-    for body, expected in MALFORMED:
+    for body, expected in malformed(order):
         response = service.post(body)
         assert response.status_code == 400, (body, response.text)
         assert expected in response.json()["error"], (body, response.json())
@@ -266,7 +169,7 @@ def test_malformed_bodies_are_400_naming_the_problem_and_write_nothing(
 
 
 def test_a_client_gone_before_its_body_arrived_leaves_no_order_and_no_traceback(
-        service: Service) -> None:
+        service: Any, order: Any) -> None:
     service.start()
     head = (b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n")
@@ -276,7 +179,7 @@ def test_a_client_gone_before_its_body_arrived_leaves_no_order_and_no_traceback(
     while "disconnected before" not in service.log() and time.monotonic() < deadline:
         assert service.status("ord_1001").status_code == 404
         time.sleep(0.05)
-    assert service.post(ORDER).status_code == 202  # still serving
+    assert service.post(order).status_code == 202  # still serving
     log = service.log()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
     with sqlite3.connect(service.folder / "orders.db") as db:
@@ -284,10 +187,10 @@ def test_a_client_gone_before_its_body_arrived_leaves_no_order_and_no_traceback(
 
 
 def test_declined_card_releases_the_reserved_stock_and_fails_the_order(
-        service: Service) -> None:
+        service: Any, order: Any) -> None:
     service.start()
     before = service.stock()["widget-limited"]
-    declined = order(id="ord_declined", customer={"id": "cus_declined", "email": "d@e.co"},
+    declined = changed(order, id="ord_declined", customer={"id": "cus_declined", "email": "d@e.co"},
                      items=[{"sku": "widget-limited", "qty": before, "price": 500}])
     service.post(declined)
     failed = service.finished("ord_declined")
@@ -300,7 +203,7 @@ def test_declined_card_releases_the_reserved_stock_and_fails_the_order(
     assert len(step_lines(log, "charge", "ord_declined")) == 0  # never retried, never charged
     assert len(step_lines(log, "release", "ord_declined")) == 1
     # The released stock can be sold again.
-    service.post(order(id="ord_after", items=[{"sku": "widget-limited", "qty": before,
+    service.post(changed(order, id="ord_after", items=[{"sku": "widget-limited", "qty": before,
                                                "price": 500}]))
     assert service.finished("ord_after")["status"] == "done"
 
@@ -310,18 +213,18 @@ def test_declined_card_releases_the_reserved_stock_and_fails_the_order(
     ([{"sku": "widget-limited", "qty": 4, "price": 100}], "OutOfStock"),
 ])
 def test_business_failures_are_permanent_and_not_retried(
-        service: Service, items: list[dict[str, Any]], error_type: str) -> None:
+        service: Any, items: list[dict[str, Any]], error_type: str, order: Any) -> None:
     service.start()
-    service.post(order(id="ord_bad", items=items))
+    service.post(changed(order, id="ord_bad", items=items))
     failed = service.finished("ord_bad")
     assert (failed["status"], failed["error"]["type"]) == ("failed", error_type)
     assert "retrying" not in service.log()
     assert service.charges() == []
 
 
-def test_flaky_step_is_retried_in_process_and_the_order_finishes(service: Service) -> None:
+def test_flaky_step_is_retried_in_process_and_the_order_finishes(service: Any, order: Any) -> None:
     service.start(FLAKY="reserve")
-    service.post(ORDER)
+    service.post(order)
     assert service.finished("ord_1001")["status"] == "done"
     log = service.log()
     assert "FLAKY: failing this attempt" in log
@@ -333,17 +236,17 @@ def test_flaky_step_is_retried_in_process_and_the_order_finishes(service: Servic
 # Crashes.
 
 
-def crash_at_charge_then_restart(service: Service, **env: str) -> dict[str, Any]:
+def crash_at_charge_then_restart(service: Any, order: dict[str, Any], **env: str) -> dict[str, Any]:
     service.start(CRASH_AT="charge", **env)
-    assert service.post(ORDER).status_code == 202
+    assert service.post(order).status_code == 202
     assert service.wait_for_exit() == 3  # died inside charge, after charging
     service.start(**env)  # a plain restart
     return service.finished("ord_1001")
 
 
 def test_crash_at_charge_then_restart_finishes_with_exactly_one_charge(
-        service: Service) -> None:
-    done = crash_at_charge_then_restart(service)
+        service: Any, order: Any) -> None:
+    done = crash_at_charge_then_restart(service, order)
     assert done["status"] == "done"
     charges = service.charges()
     assert len(charges) == 1 and charges[0]["chargeId"] == done["result"]["chargeId"]
@@ -354,18 +257,18 @@ def test_crash_at_charge_then_restart_finishes_with_exactly_one_charge(
     assert "[charge] order ord_1001 - already charged $69.97" in log
 
 
-def test_without_payment_keys_the_same_crash_charges_twice(service: Service) -> None:
+def test_without_payment_keys_the_same_crash_charges_twice(service: Any, order: Any) -> None:
     # The counterfactual: the journal alone cannot stop the second charge; the key does.
-    done = crash_at_charge_then_restart(service, PAYMENT_KEYS="off")
+    done = crash_at_charge_then_restart(service, order, PAYMENT_KEYS="off")
     assert done["status"] == "done"
     assert len(service.charges()) == 2
 
 
 def test_a_charge_out_of_attempts_after_charging_is_refunded_and_its_stock_released(
-        service: Service) -> None:
+        service: Any, order: Any) -> None:
     service.start(CRASH_AT="charge")
     before = service.stock()
-    assert service.post(ORDER).status_code == 202
+    assert service.post(order).status_code == 202
     for _ in range(5):  # every attempt charges, then its process dies: 5 attempts
         assert service.wait_for_exit() == 3
         service.start(may_die=True, CRASH_AT="charge")
@@ -384,10 +287,10 @@ def test_a_charge_out_of_attempts_after_charging_is_refunded_and_its_stock_relea
 
 @pytest.mark.parametrize("step", ["reserve", "confirm"])
 def test_a_step_out_of_attempts_after_its_effect_leaves_no_stock_held_and_no_charge_lost(
-        service: Service, step: str) -> None:
+        service: Any, step: str, order: Any) -> None:
     service.start(CRASH_AT=step)
     before = service.stock()
-    assert service.post(ORDER).status_code == 202
+    assert service.post(order).status_code == 202
     for _ in range(5):  # every attempt has its effect, then its process dies
         assert service.wait_for_exit() == 3
         service.start(may_die=True, CRASH_AT=step)
@@ -405,16 +308,16 @@ def test_a_step_out_of_attempts_after_its_effect_leaves_no_stock_held_and_no_cha
 
 
 def test_an_id_used_again_after_prune_does_not_take_over_the_old_orders_charge(
-        service: Service) -> None:
+        service: Any, order: Any) -> None:
     service.start()
-    service.post(ORDER)
+    service.post(order)
     old = service.finished("ord_1001")["result"]["chargeId"]
     pruned = subprocess.run([sys.executable, str(HERE / "durable.py"), "orders.db", "prune",
                              "0s"], cwd=service.folder, capture_output=True, text=True,
                             timeout=60)
     assert pruned.returncode == 0 and "pruned 1" in pruned.stdout, pruned
     # The same id for another order: the providers still know its keys.
-    other = order(items=[{"sku": "widget-pro", "qty": 1, "price": 100}])
+    other = changed(order, items=[{"sku": "widget-pro", "qty": 1, "price": 100}])
     assert service.post(other).status_code == 202
     failed = service.finished("ord_1001")
     assert (failed["status"], failed["error"]["type"]) == ("failed", "KeyReused")
@@ -422,13 +325,13 @@ def test_an_id_used_again_after_prune_does_not_take_over_the_old_orders_charge(
 
 
 def test_64_concurrent_identical_posts_make_one_workflow_and_one_charge(
-        service: Service) -> None:
+        service: Any, order: Any) -> None:
     service.start()
 
     async def storm() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=service.url, timeout=30) as client:
             return await asyncio.gather(*(
-                client.post("/orders", content=json.dumps(ORDER)) for _ in range(64)))
+                client.post("/orders", content=json.dumps(order)) for _ in range(64)))
 
     responses = asyncio.run(storm())
     assert [r.status_code for r in responses] == [202] * 64

@@ -33,7 +33,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from durable import Durable, IdempotencyConflict, JournalError
-from test_app import ORDER, Service
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,15 +63,15 @@ class Torture:
                 f"{len(self.double_emailed)} duplicate emails (seed {self.seed})")
 
 
-def feed(service: Service, seed: int, stop: threading.Event, accepted: list[str],
-         pause: float) -> None:
+def feed(service: Any, order: dict[str, Any], seed: int, stop: threading.Event,
+         accepted: list[str], pause: float) -> None:
     """POST new orders until stopped; keep the ids that got a 202."""
     n = 0
     with httpx.Client(timeout=5) as client:
         while not stop.is_set():
             n += 1
             order_id = f"ord_{seed}_{n}"
-            body = {**ORDER, "id": order_id,
+            body = {**order, "id": order_id,
                     "items": [{"sku": "widget-pro", "qty": 1 + n % 3, "price": 1999}]}
             try:
                 response = client.post(f"{service.url}/orders", content=json.dumps(body))
@@ -85,14 +84,17 @@ def feed(service: Service, seed: int, stop: threading.Event, accepted: list[str]
             time.sleep(pause)
 
 
-def torture(folder: Path, seed: int, kills: int, pause: float = 0.002) -> Torture:
-    """Run the order service under a stream of orders, SIGKILL it `kills` times at
-    seeded random moments, restart it, and count what became of each 202."""
+def torture(service: Any, order: dict[str, Any], seed: int, kills: int,
+            pause: float = 0.002) -> Torture:
+    """Run the order service (`service`, not started) under a stream of orders,
+    SIGKILL it `kills` times at seeded random moments, restart it, and count what
+    became of each 202."""
     rng = random.Random(seed)
     report = Torture(seed)
-    service = Service(folder)
+    folder = service.folder
     stop = threading.Event()
-    feeder = threading.Thread(target=feed, args=(service, seed, stop, report.accepted, pause))
+    feeder = threading.Thread(target=feed, args=(service, order, seed, stop, report.accepted,
+                                                 pause))
     try:
         service.start()
         feeder.start()
@@ -142,12 +144,16 @@ def settle(journal: Path, accepted: list[str], timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def test_sigkill_loop_loses_no_accepted_order_and_charges_each_once(tmp_path: Path) -> None:
+def test_sigkill_loop_loses_no_accepted_order_and_charges_each_once(
+        service: Any, order: Any) -> None:
+    # `python test_faults.py --kills N` runs this test alone with more kills.
     seed = int(os.environ.get("TORTURE_SEED", random.randrange(1_000_000)))
+    kills = int(os.environ.get("TORTURE_KILLS", "5"))
+    pause = float(os.environ.get("TORTURE_PAUSE", "0.002"))
     print(f"fault loop seed {seed} (replay: TORTURE_SEED={seed})")
-    report = torture(tmp_path, seed, kills=5)
+    report = torture(service, order, seed, kills, pause)
     print(report.line())
-    assert report.kills == 5 and report.accepted
+    assert report.kills == kills and report.accepted
     assert (report.lost, report.double_charged, report.double_emailed) == ([], [], []), \
         report.line()
 
@@ -283,9 +289,9 @@ def test_process_killed_while_batches_commit_loses_nothing_acknowledged(tmp_path
 
 
 @pytest.fixture(scope="module")
-def door() -> Iterator[Service]:
+def door(service_class: Any) -> Iterator[Any]:
     with tempfile.TemporaryDirectory(prefix="durable-door-") as folder:
-        service = Service(Path(folder)).start()
+        service = service_class(Path(folder)).start()
         try:
             yield service
         finally:
@@ -352,7 +358,7 @@ def is_order(value: Any) -> bool:
                     for i in value["items"]))
 
 
-def post_and_check(door: Service, body: bytes) -> None:
+def post_and_check(door: Any, body: bytes) -> None:
     journal = door.folder / "orders.db"
     before = count(journal, "SELECT count(*) FROM workflows")
     response = httpx.post(f"{door.url}/orders", content=body, timeout=10)
@@ -370,20 +376,25 @@ def post_and_check(door: Service, body: bytes) -> None:
         assert after == before, body  # refused: nothing written
 
 
+# A valid order, for the examples below to break one part of.
+VALID = {"id": "ord_x", "customer": {"id": "cus_x", "email": "x@example.com"},
+         "items": [{"sku": "widget-pro", "qty": 1, "price": 1999}]}
+
+
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(value=json_values() | near_orders())
-@example(value={**ORDER, "items": [{"sku": "widget-pro", "qty": True, "price": 1}]})
-@example(value={**ORDER, "items": [{"sku": "widget-pro", "qty": 2.0, "price": False}]})
-@example(value={**ORDER, "customer": {"id": "\ud800", "email": "a@b.co"}})
-def test_any_json_body_gets_an_answer_never_a_500(door: Service, value: Any) -> None:
+@example(value={**VALID, "items": [{"sku": "widget-pro", "qty": True, "price": 1}]})
+@example(value={**VALID, "items": [{"sku": "widget-pro", "qty": 2.0, "price": False}]})
+@example(value={**VALID, "customer": {"id": "\ud800", "email": "a@b.co"}})
+def test_any_json_body_gets_an_answer_never_a_500(door: Any, value: Any) -> None:
     post_and_check(door, json.dumps(value).encode())
 
 
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=st.binary(max_size=300))
-def test_any_bytes_body_gets_an_answer_never_a_500(door: Service, body: bytes) -> None:
+def test_any_bytes_body_gets_an_answer_never_a_500(door: Any, body: bytes) -> None:
     post_and_check(door, body)
 
 
@@ -552,17 +563,18 @@ async def posts(url: str, *bodies: dict[str, Any]) -> list[httpx.Response]:
                                       for body in bodies))
 
 
-def test_locked_journal_answers_503_at_the_door_and_loses_nothing(tmp_path: Path) -> None:
-    service = Service(tmp_path).start()
+def test_locked_journal_answers_503_at_the_door_and_loses_nothing(
+        tmp_path: Path, service_class: Any, order: Any) -> None:
+    service = service_class(tmp_path).start()
     try:
-        assert service.post(ORDER).status_code == 202
+        assert service.post(order).status_code == 202
         assert service.finished("ord_1001")["status"] == "done"
         blocker = sqlite3.connect(tmp_path / "orders.db", isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         try:
             # A new order, and a finished order's retry (answered from a read), at once.
-            response, replayed = asyncio.run(posts(service.url, {**ORDER, "id": "ord_1002"},
-                                                   ORDER))
+            response, replayed = asyncio.run(posts(service.url, {**order, "id": "ord_1002"},
+                                                   order))
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
@@ -571,7 +583,7 @@ def test_locked_journal_answers_503_at_the_door_and_loses_nothing(tmp_path: Path
         assert response.headers["retry-after"] == "5"
         assert "unavailable" in response.json()["error"]
         assert service.status("ord_1002").status_code == 404  # nothing half-written
-        assert service.post({**ORDER, "id": "ord_1002"}).status_code == 202
+        assert service.post({**order, "id": "ord_1002"}).status_code == 202
         assert service.finished("ord_1002")["status"] == "done"
         assert service.finished("ord_1001")["status"] == "done"
     finally:
@@ -656,16 +668,20 @@ def test_full_journal_refuses_new_work_keeps_accepted_work_and_recovers(
 
 
 def main() -> None:
+    """`python test_faults.py --kills N` (make torture): pytest runs the SIGKILL loop's
+    test alone (it needs conftest.py's fixtures), killing N times."""
     parser = argparse.ArgumentParser(description="The order service under SIGKILL.")
     parser.add_argument("--kills", type=int, default=40)
     parser.add_argument("--seed", type=int, default=random.randrange(1_000_000))
     parser.add_argument("--pause", type=float, default=0.002,
                         help="seconds between orders from the feeder")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="durable-torture-") as folder:
-        report = torture(Path(folder), args.seed, args.kills, args.pause)
-    print(report.line())
-    sys.exit(1 if report.lost or report.double_charged or report.double_emailed else 0)
+    env = {**os.environ, "TORTURE_KILLS": str(args.kills), "TORTURE_SEED": str(args.seed),
+           "TORTURE_PAUSE": str(args.pause)}
+    test = test_sigkill_loop_loses_no_accepted_order_and_charges_each_once.__name__
+    sys.exit(subprocess.run([sys.executable, "-m", "pytest", f"{Path(__file__).resolve()}::{test}",
+                             "-q", "-s", "--timeout=0", "-p", "no:cacheprovider"],
+                            env=env, cwd=HERE).returncode)
 
 
 if __name__ == "__main__":

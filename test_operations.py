@@ -27,8 +27,6 @@ from durable import (
     WorkflowCancelled,
     WorkflowFailed,
 )
-from test_app import ORDER, Service
-from test_durable import arun, rows
 
 HERE = Path(__file__).resolve().parent
 FAST = RetryPolicy(max_attempts=2, initial_delay=0, jitter=0)
@@ -39,15 +37,10 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "ops.db"
-
-
 # Cancel.
 
 
-def test_cancel_stops_a_sleeping_workflow_and_result_raises_cancelled(db: Path) -> None:
+def test_cancel_stops_a_sleeping_workflow_and_result_raises_cancelled(db: Path, rows: Any) -> None:
     dur = Durable(db)
     ran: list[str] = []
 
@@ -69,7 +62,7 @@ def test_cancel_stops_a_sleeping_workflow_and_result_raises_cancelled(db: Path) 
             assert time.monotonic() - start < 5  # woken, not left to sleep 30 s
             return await handle.status()
 
-    status = arun(main())
+    status = asyncio.run(main())
     assert status.state == "cancelled" and status.finished_at is not None
     assert ran == ["before"]
 
@@ -105,13 +98,13 @@ def test_cancel_lets_a_running_step_finish_but_nothing_after_it(db: Path) -> Non
             await asyncio.sleep(0.2)
             return await handle.status()
 
-    status = arun(main())
+    status = asyncio.run(main())
     assert ran == ["slow finished"]
     # The step's late result was not recorded.
     assert [(s.name, s.state, s.result) for s in status.steps] == [("slow", "running", None)]
 
 
-def test_cancelling_a_finished_workflow_is_a_clear_no_op(db: Path) -> None:
+def test_cancelling_a_finished_workflow_is_a_clear_no_op(db: Path, rows: Any) -> None:
     dur = Durable(db)
 
     @dur.register
@@ -128,7 +121,7 @@ def test_cancelling_a_finished_workflow_is_a_clear_no_op(db: Path) -> None:
             with pytest.raises(NotFound):
                 await dur.cancel("nope")
 
-    arun(main())
+    asyncio.run(main())
 
 
 def test_an_id_cancelled_pruned_and_reused_runs_once_its_old_step_returns(db: Path) -> None:
@@ -155,7 +148,7 @@ def test_an_id_cancelled_pruned_and_reused_runs_once_its_old_step_returns(db: Pa
             release.set()
             return await again.result(timeout=10)
 
-    assert arun(main()) == 2
+    assert asyncio.run(main()) == 2
 
 
 # Retry.
@@ -196,7 +189,7 @@ def test_retry_runs_a_failed_workflow_again_from_its_failed_step(db: Path) -> No
                 await dur.retry("nope")
             return await handle.status()
 
-    status = arun(main())
+    status = asyncio.run(main())
     # Step 1 stayed journaled; step 2 got fresh attempts (2 failed, then 1 that worked).
     assert ran == ["first", "flaky", "flaky", "flaky"]
     assert [(s.name, s.attempts) for s in status.steps] == [("first", 1), ("flaky", 1)]
@@ -205,7 +198,7 @@ def test_retry_runs_a_failed_workflow_again_from_its_failed_step(db: Path) -> No
 # Prune.
 
 
-def test_prune_deletes_old_finished_workflows_only_and_frees_their_ids(db: Path) -> None:
+def test_prune_deletes_old_finished_workflows_only_and_frees_their_ids(db: Path, rows: Any) -> None:
     dur = Durable(db)
     gate, waiting = asyncio.Event(), asyncio.Event()
 
@@ -235,13 +228,13 @@ def test_prune_deletes_old_finished_workflows_only_and_frees_their_ids(db: Path)
                 await dur.prune(-1)
             gate.set()
 
-    arun(main())
+    asyncio.run(main())
 
 
 # Durable sleep.
 
 
-def sleeping(db: Path) -> bool:
+def sleeping(rows: Any, db: Path) -> bool:
     try:
         return bool(rows(db, "SELECT 1 FROM steps WHERE name = 'ctx.sleep'"))
     except sqlite3.OperationalError:  # the file is there, its tables not yet
@@ -268,14 +261,14 @@ SLEEPER = textwrap.dedent("""
 """)
 
 
-def test_sleep_survives_a_restart_and_sleeps_only_the_time_left(tmp_path: Path) -> None:
+def test_sleep_survives_a_restart_and_sleeps_only_the_time_left(tmp_path: Path, rows: Any) -> None:
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)
     db = tmp_path / "sleep.db"
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     first = subprocess.Popen([sys.executable, str(script), str(db)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not sleeping(db):
+    while not sleeping(rows, db):
         time.sleep(0.02)
     time.sleep(1.0)
     first.send_signal(signal.SIGKILL)
@@ -305,7 +298,7 @@ def test_sleeping_workflows_hold_no_threads(db: Path) -> None:
             return time.monotonic() - start
 
     # With one worker thread, 100 sleeps of 0.5 s that held a thread would take 50 s.
-    assert arun(main()) < 10
+    assert asyncio.run(main()) < 10
 
 
 def test_sleep_refuses_a_negative_or_non_number_duration(db: Path) -> None:
@@ -324,7 +317,7 @@ def test_sleep_refuses_a_negative_or_non_number_duration(db: Path) -> None:
                 messages.append(info.value.message)
         return messages
 
-    assert all("seconds >= 0" in m for m in arun(main()))
+    assert all("seconds >= 0" in m for m in asyncio.run(main()))
 
 
 # The command line, against a journal a running process writes.
@@ -412,15 +405,16 @@ def test_cli_cancel_and_retry_steer_workflows_of_a_running_process(tmp_path: Pat
     assert "took over 1 workflow(s)" in err  # the retried one, released by the CLI
 
 
-def test_cli_reads_and_prunes_while_the_order_service_takes_orders(tmp_path: Path) -> None:
-    service = Service(tmp_path).start()
+def test_cli_reads_and_prunes_while_the_order_service_takes_orders(
+        service: Any, order: Any, rows: Any) -> None:
+    service.start()
     try:
-        check_cli_alongside(service)
+        check_cli_alongside(service, order, rows)
     finally:
         service.stop()
 
 
-def check_cli_alongside(service: Service) -> None:
+def check_cli_alongside(service: Any, order: dict[str, Any], rows: Any) -> None:
     db = service.folder / "orders.db"
     stop = threading.Event()
     accepted: list[int] = []
@@ -429,7 +423,7 @@ def check_cli_alongside(service: Service) -> None:
         n = 0
         while not stop.is_set():
             n += 1
-            response = service.post({**ORDER, "id": f"ord_{n}"})
+            response = service.post({**order, "id": f"ord_{n}"})
             accepted.append(response.status_code)
 
     feeder = threading.Thread(target=stream)
@@ -471,7 +465,7 @@ def test_cli_gives_clear_errors_and_changes_nothing(tmp_path: Path) -> None:
         async with Durable(journal):
             pass
 
-    arun(make())
+    asyncio.run(make())
     before = journal.read_bytes()
     cases = [
         ((str(tmp_path / "missing.db"), "list"), 1, "no journal at"),
@@ -508,7 +502,7 @@ def test_cli_output_cut_short_by_a_pipe_is_not_an_error(db: Path) -> None:
             for i in range(300):
                 await dur.run(f"w{i}", wf, i)
 
-    arun(fill())
+    asyncio.run(fill())
     piped = subprocess.run(f"{sys.executable} {HERE / 'durable.py'} {db} list --limit 300 "
                            "| head -1", shell=True, capture_output=True, text=True, timeout=60)
     assert piped.stdout.startswith("ID ")

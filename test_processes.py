@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from test_app import ORDER, Service
+import pytest
 
 HERE = Path(__file__).resolve().parent
 
@@ -235,17 +234,21 @@ def test_a_process_whose_clock_jumps_renews_its_lease_by_the_time_that_really_pa
 # The order service with several processes on one orders.db.
 
 
-class Uvicorn(Service):
-    """`uvicorn app:app --workers N` instead of `python app.py`."""
+@pytest.fixture
+def uvicorn_class(service_class: Any) -> Any:
+    """The Service class, run as `uvicorn app:app --workers N` instead of `python app.py`."""
 
-    def __init__(self, folder: Path, workers: int) -> None:
-        super().__init__(folder)
-        self.workers = workers
+    class Uvicorn(service_class):
+        def __init__(self, folder: Path, workers: int) -> None:
+            super().__init__(folder)
+            self.workers = workers
 
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1",
-                "--port", str(self.port), "--workers", str(self.workers), "--app-dir",
-                str(HERE)]
+        def command(self) -> list[str]:
+            return [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1",
+                    "--port", str(self.port), "--workers", str(self.workers), "--app-dir",
+                    str(HERE)]
+
+    return Uvicorn
 
 
 def storm(urls: list[str], body: dict[str, Any], count: int) -> list[httpx.Response]:
@@ -260,11 +263,11 @@ def storm(urls: list[str], body: dict[str, Any], count: int) -> list[httpx.Respo
 
 
 def test_uvicorn_with_two_workers_on_one_journal_makes_one_workflow_and_one_charge(
-        tmp_path: Path) -> None:
-    service = Uvicorn(tmp_path, workers=2)
+        tmp_path: Path, uvicorn_class: Any, order: Any) -> None:
+    service = uvicorn_class(tmp_path, workers=2)
     try:
         service.start()
-        responses = storm([service.url], ORDER, 64)
+        responses = storm([service.url], order, 64)
         assert [r.status_code for r in responses] == [202] * 64
         assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
         assert service.finished("ord_1001")["status"] == "done"
@@ -280,12 +283,12 @@ def test_uvicorn_with_two_workers_on_one_journal_makes_one_workflow_and_one_char
 
 
 def test_two_services_sharing_one_journal_make_one_workflow_and_one_charge(
-        tmp_path: Path) -> None:
-    one, two = Service(tmp_path), Service(tmp_path)
+        tmp_path: Path, service_class: Any, order: Any) -> None:
+    one, two = service_class(tmp_path), service_class(tmp_path)
     try:
         one.start()
         two.start()
-        responses = storm([one.url, two.url], ORDER, 32)
+        responses = storm([one.url, two.url], order, 32)
         assert [r.status_code for r in responses] == [202] * 32
         assert sum("idempotent-replayed" not in r.headers for r in responses) == 1
         assert one.finished("ord_1001") == two.finished("ord_1001")

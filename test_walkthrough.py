@@ -5,20 +5,20 @@ each ```log block holds lines the server must have logged by then. `make run`
 (with environment settings before it) restarts the server; other commands (curl,
 `python durable.py`) run in a shell in the server's folder. Charge ids, clock
 times, durations and retry delays are compared as placeholders, and runs of spaces
-as one. `python test_walkthrough.py` prints what each command prints now.
+as one. `python test_walkthrough.py` prints what each command prints now (the test,
+run by pytest with WALKTHROUGH_PRINT=1).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from test_app import Service
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MAKE_RUN = re.compile(r"((?:[A-Z_]+=\S+ )*)make run")
@@ -63,8 +63,8 @@ def normal(text: str) -> str:
 
 
 class Walk:
-    def __init__(self, folder: Path) -> None:
-        self.service = Service(folder)
+    def __init__(self, service: Any) -> None:
+        self.service = service  # not started yet
         self.crashing = False
 
     def restart(self, command: str) -> None:
@@ -109,8 +109,11 @@ class Walk:
             time.sleep(0.1)
 
 
-def test_readme_walkthrough_outputs_match_a_real_server(tmp_path: Path) -> None:
-    walk = Walk(tmp_path)
+def test_readme_walkthrough_outputs_match_a_real_server(service: Any) -> None:
+    walk = Walk(service)
+    if os.environ.get("WALKTHROUGH_PRINT"):
+        show(walk)
+        return
     all_steps = steps()
     assert sum(s.kind == "shell" for s in all_steps) >= 12
     try:
@@ -125,20 +128,24 @@ def test_readme_walkthrough_outputs_match_a_real_server(tmp_path: Path) -> None:
         walk.service.stop()
 
 
+def show(walk: Walk) -> None:
+    """Print what each of the README's commands prints now, and what the server logs."""
+    try:
+        for step in steps():
+            if step.kind == "run":
+                walk.restart(step.text)
+                print(f"$ {step.text}")
+            elif step.kind == "shell":
+                print(f"$ {step.text}\n{walk.check(step).rstrip()}")
+            else:
+                time.sleep(0.5)
+                ours = re.findall(r"^\d\d:\d\d:\d\d .*$", walk.current_log(), re.MULTILINE)
+                print("--- the server has logged:\n" + "\n".join(ours))
+    finally:
+        walk.service.stop()
+
+
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as folder:
-        walk = Walk(Path(folder))
-        try:
-            for step in steps():
-                if step.kind == "run":
-                    walk.restart(step.text)
-                    print(f"$ {step.text}")
-                elif step.kind == "shell":
-                    print(f"$ {step.text}\n{walk.check(step).rstrip()}")
-                else:
-                    time.sleep(0.5)
-                    ours = re.findall(r"^\d\d:\d\d:\d\d .*$", walk.current_log(), re.MULTILINE)
-                    print("--- the server has logged:\n" + "\n".join(ours))
-        finally:
-            walk.service.stop()
-    sys.exit(0)
+    sys.exit(subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
+                             "-s", "-p", "no:cacheprovider"], cwd=HERE,
+                            env={**os.environ, "WALKTHROUGH_PRINT": "1"}).returncode)
