@@ -745,36 +745,38 @@ class _SqliteJournal:
                 f"AND state IN ('pending', 'running')) {upsert}")
 
     def checkpoint(self, workflow_id: str, owner: str, rows: list[_Row],
-                   outcome: _Outcome | None, touch: bool, now: float) -> bool:
+                   outcome: _Outcome | None, touch: bool) -> bool:
         """Write step `rows` and the workflow's `outcome` (if any) only if `owner` holds
         the workflow unfinished; `touch` marks it running first. False, writing nothing,
         when it does not hold it."""
-        conn = self._conn
-        if outcome is not None or touch:
+        conn, count = self._conn, len(rows)
+        per = count
+        if count * self._STEP_WIDTH > 997:
+            # A wide fan-out: as many rows a statement as it may bind (999 values before
+            # SQLite 3.32, 32,766 in stock builds since). https://www.sqlite.org/limits.html
+            limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            per = max(1, (limit - 2) // self._STEP_WIDTH)
+        first = rows if count <= per else rows[:per]
+        if outcome is None and not touch:  # the common case: one statement, fenced
+            if first and conn.execute(
+                    self._put_steps(len(first), True),
+                    (*itertools.chain.from_iterable(first), workflow_id, owner)
+            ).rowcount != len(first):
+                return False
+        else:
+            now = time.time()
             fence = (conn.execute(self._FINISH, (*outcome, now, now, workflow_id, owner))
                      if outcome is not None
                      else conn.execute(self._TOUCH, (now, workflow_id, owner)))
             if fence.rowcount != 1:
                 return False
-            fenced = False
-        else:
-            fenced = True
-        per = len(rows) or 1
-        if per * self._STEP_WIDTH > 997:
-            # A wide fan-out writes thousands: as many a statement as it may bind (999
-            # before SQLite 3.32, 32,766 in stock builds since). https://www.sqlite.org/limits.html
-            limit = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-            per = max(1, (limit - 2) // self._STEP_WIDTH)
-        for first in range(0, len(rows), per):
-            part = rows if per >= len(rows) else rows[first:first + per]
-            flat = tuple(itertools.chain.from_iterable(part))
-            if fenced:  # the first statement checks the fence for the transaction
-                if conn.execute(self._put_steps(len(part), True),
-                                (*flat, workflow_id, owner)).rowcount != len(part):
-                    return False
-                fenced = False
-            else:
-                conn.execute(self._put_steps(len(part), False), flat)
+            if first:
+                conn.execute(self._put_steps(len(first), False),
+                             tuple(itertools.chain.from_iterable(first)))
+        for start in range(per, count, per or 1):  # the rest, behind the same fence
+            part = rows[start:start + per]
+            conn.execute(self._put_steps(len(part), False),
+                         tuple(itertools.chain.from_iterable(part)))
         return True
 
     # Reads of one workflow.
@@ -1344,23 +1346,23 @@ class _BeginFailed(Exception):
 
 
 class _Checkpoint:
-    """A workflow's write: step `rows` and, if given, its `outcome`, fenced on this
-    process holding it unfinished; `touch` marks it running first. Once a batch
+    """A workflow's next write: the step rows deferred so far and `rows`, and, if given,
+    its `outcome`, fenced on this process holding it unfinished; the first one marks
+    it running too. Made when queued (it takes the deferred rows). Once a batch
     holding one of a workflow's writes failed, its later writes refuse: no checkpoint
     of a workflow commits after an earlier one of it was lost."""
 
     __slots__ = ("outcome", "rows", "run", "touch")
 
-    def __init__(self, run: _Run, rows: list[_Row], outcome: _Outcome | None,
-                 touch: bool) -> None:
-        self.run, self.rows, self.outcome, self.touch = run, rows, outcome, touch
+    def __init__(self, run: _Run, rows: list[_Row], outcome: _Outcome | None = None) -> None:
+        self.run, self.rows, self.outcome = run, run.pending + rows, outcome
+        self.touch, run.pending, run.touched = not run.touched, [], True
 
     def __call__(self, journal: _SqliteJournal) -> None:
         run = self.run
         if run.lost is not None:
             raise _Interrupted(run.lost)
-        if not journal.checkpoint(run.id, run.owner, self.rows, self.outcome, self.touch,
-                                  time.time()):
+        if not journal.checkpoint(run.id, run.owner, self.rows, self.outcome, self.touch):
             raise _why_fenced(journal, run.id)
 
     def failed(self, error: JournalError) -> None:
@@ -1386,7 +1388,9 @@ class _Run:
     """Everything this process knows of one workflow it runs.
 
     Who changes what, and when:
-    - never, once made: durable, workflow, id, owner, retry, text, context, vars;
+    - never, once made: durable, workflow, id, owner, retry, text, vars (it holds no
+      reference to its Context or its calls, so a finished run is freed at once, not by
+      the cyclic garbage collector);
     - the workflow's code, wherever it runs (on the event loop, or in a step thread
       going on with it while the loop waits for that thread: one place at a time):
       journal, seq, pending, touched;
@@ -1400,7 +1404,7 @@ class _Run:
     - new: the step thread that commits run()'s insert (Durable._run_at_once).
     """
 
-    __slots__ = ("context", "durable", "flush_due", "gen", "id", "inflight", "journal",
+    __slots__ = ("durable", "flush_due", "gen", "id", "inflight", "journal",
                  "lost", "napping", "new", "outcome", "owner", "pending", "retry", "seq",
                  "steps_due", "stop", "task", "text", "threads", "touched", "vars", "waiters",
                  "workflow")
@@ -1413,7 +1417,6 @@ class _Run:
         self.owner = durable._owner
         self.retry = workflow.retry or durable._default_retry
         self.text = text  # its input, as journaled
-        self.context = Context(self)
         # A generator workflow's code runs in this one context wherever it runs (on the
         # loop, in a step thread), one place at a time: what it sets, and the tokens to
         # reset it, stay valid throughout. A copy of the context it was started from.
@@ -1493,7 +1496,7 @@ class _Run:
         """Commit step `rows` (after any deferred ones) and the workflow's `outcome`, if
         this process still holds the workflow; otherwise stop it with _Interrupted."""
         self.check_writable()
-        future = self.durable._open_writer().submit(_checkpoint(self, rows, outcome))
+        future = self.durable._open_writer().submit(_Checkpoint(self, rows, outcome))
         future.add_done_callback(_retrieve)
         inflight, self.inflight = self.inflight, []
         try:
@@ -1508,7 +1511,7 @@ class _Run:
         that returned is not to run again at the next start."""
         if self.pending and not self.fenced:
             with contextlib.suppress(DurableError, _Interrupted):
-                await self.durable._open_writer().submit(_checkpoint(self, []))
+                await self.durable._open_writer().submit(_Checkpoint(self, []))
 
     def defer(self, row: _Row) -> None:
         """Write a finished step's row with the next checkpoint: the next step cannot
@@ -1522,7 +1525,7 @@ class _Run:
     def _flush(self) -> None:
         self.flush_due = False
         if self.pending and self.stop is None:
-            future = self.durable._open_writer().submit(_checkpoint(self, []))
+            future = self.durable._open_writer().submit(_Checkpoint(self, []))
             future.add_done_callback(_retrieve)
             self.inflight.append(future)
 
@@ -1562,13 +1565,6 @@ class _Replayed:
 
 
 _Verdict = tuple[Literal["done", "retry", "failed"], _Row, Any]
-
-
-def _checkpoint(run: _Run, rows: list[_Row], outcome: _Outcome | None = None) -> _Checkpoint:
-    """The write of `rows` after the deferred ones and, if given, the outcome."""
-    rows, run.pending = run.pending + rows, []
-    touch, run.touched = not run.touched, True
-    return _Checkpoint(run, rows, outcome, touch)
 
 
 def _next(run: _Run, call: _StepCall | _SleepCall) -> tuple[int, _JournaledStep | None]:
@@ -1763,17 +1759,27 @@ def _go_on(run: _Run, step: _Step | None, value: Any, stopped: Callable[[], bool
     in this thread (or, step None, when the workflow starts here): go on with the
     workflow here while its next calls are fresh sync steps, committing each
     checkpoint from this thread, so that the loop is not needed between one step and
-    the next. Returns `value` untouched if it did not go on, else a _Handback."""
-    gen = run.gen
-    if gen is None or run.durable._writer is None:  # ended or closed meanwhile
+    the next. Returns `value` untouched if it did not go on, else a _Handback. (One
+    function, not three: it runs for every step of a workflow alone.)"""
+    durable, gen = run.durable, run.gen
+    writer, pool = durable._writer, durable._pool
+    if gen is None or writer is None or pool is None:  # ended or closed meanwhile
         return value if step is not None else None
     went_on = step is None
     while True:
         send = None
         if step is not None:
-            done, send = _done_here(run, step, value, stopped)
-            if not done:
+            # The loop judges what is not plainly done: stopped, replaying, crowded, an
+            # awaitable, or a value that is not JSON (it fails the step clearly).
+            if (run.stop is not None or run.journal or stopped()
+                    or not durable._threads_checkpoint() or inspect.isawaitable(value)):
                 return _Handback(step=step, value=value) if went_on else value
+            try:
+                text = _dumps(value)
+            except (TypeError, ValueError):
+                return _Handback(step=step, value=value) if went_on else value
+            row, send = _done(step, text)
+            run.pending.append(row)
         went_on = True
         try:
             call = run.vars.run(gen.send, send)
@@ -1786,45 +1792,17 @@ def _go_on(run: _Run, step: _Step | None, value: Any, stopped: Callable[[], bool
         if not _begins_here(run, call) or stopped():
             return _Handback(call=call)
         assert isinstance(call, _StepCall)
-        began = _begin_here(run, call)
-        if isinstance(began, _Handback):
-            return began
-        step = began
+        opened = _open_step(run, call)
+        assert isinstance(opened, _Step)  # nothing left to replay
+        step, begin = opened, _begin(opened)
+        assert begin is not None  # a fresh step has attempts left
+        ok, result = writer.commit_here(_Checkpoint(run, [begin]), pool.busy <= 1)
+        if not ok:
+            return _Handback(write_error=result)
         try:
             value = run.vars.copy().run(call.fn, *call.args, **call.kwargs)
         except BaseException as exc:
             return _Handback(step=step, ok=False, value=exc)
-
-
-def _done_here(run: _Run, step: _Step, value: Any, stopped: Callable[[], bool]
-               ) -> tuple[bool, Any]:
-    """In a step thread, `step` returned `value`: (True, what the workflow gets) with
-    the done row deferred, when the thread may go on; (False, None) when the loop is
-    to judge it (stopped, replaying, crowded, an awaitable, not JSON)."""
-    if (run.stop is not None or run.journal or stopped()
-            or not run.durable._threads_checkpoint() or inspect.isawaitable(value)):
-        return False, None
-    try:
-        text = _dumps(value)
-    except (TypeError, ValueError):  # the loop fails the step with a clear error
-        return False, None
-    row, result = _done(step, text)
-    run.pending.append(row)
-    return True, result
-
-
-def _begin_here(run: _Run, call: _StepCall) -> _Step | _Handback:
-    """In a step thread: open a fresh step and commit its begin row (with the
-    deferred ones) from here; a _Handback if the commit failed."""
-    writer, pool = run.durable._writer, run.durable._pool
-    if writer is None or pool is None:  # closed meanwhile
-        return _Handback(call=call)
-    step = _open_step(run, call)
-    assert isinstance(step, _Step)  # nothing left to replay
-    begin = _begin(step)
-    assert begin is not None  # a fresh step has attempts left
-    ok, result = writer.commit_here(_checkpoint(run, [begin]), pool.busy <= 1)
-    return step if ok else _Handback(write_error=result)
 
 
 def _finish_here(run: _Run, value: Any, stopped: Callable[[], bool]) -> _Handback:
@@ -1837,7 +1815,7 @@ def _finish_here(run: _Run, value: Any, stopped: Callable[[], bool]) -> _Handbac
         return _Handback(returned=value)
     if run.stop is not None or stopped() or writer is None or pool is None:
         return _Handback(returned=value)
-    ok, result = writer.commit_here(_checkpoint(run, [], outcome), pool.busy <= 1)
+    ok, result = writer.commit_here(_Checkpoint(run, [], outcome), pool.busy <= 1)
     return _Handback(finished=outcome) if ok else _Handback(write_error=result)
 
 
@@ -1905,7 +1883,7 @@ async def _attempt(run: _Run, step: _Step, begin: _Row) -> tuple[bool, Any]:
         return await _invoke(run, call)
     run.check_writable()
     pending = run.pending
-    ok, value = await _invoke(run, call, _checkpoint(run, [begin]),
+    ok, value = await _invoke(run, call, _Checkpoint(run, [begin]),
                               None if run.gen is None else step)
     if not ok and isinstance(value, _BeginFailed):
         # Not written: finished steps' rows go back, for close() to record.
@@ -2569,7 +2547,7 @@ class Durable:
         run = _Run(self, workflow, insert.id, text, {})
         run.new = False  # until the insert says so: it may be a duplicate
         data = _loads(text)
-        run.gen = gen = workflow.fn(run.context, *data["args"], **data["kwargs"])
+        run.gen = gen = workflow.fn(Context(run), *data["args"], **data["kwargs"])
         # Registered before the thread begins: a run() meanwhile finds it running here,
         # cancel() and close() can stop it, and max_running counts it.
         self._launch(run, (gen, started))
@@ -2687,7 +2665,7 @@ class Durable:
                         return None
                 else:
                     data = _loads(run.text, run.id)
-                    body = workflow.fn(run.context, *data["args"], **data["kwargs"])
+                    body = workflow.fn(Context(run), *data["args"], **data["kwargs"])
                     value = await (body if workflow.is_async else _drive(run, body))
                 if isinstance(value, _Committed):  # a step thread wrote the end
                     self._stalls.pop(run.id, None)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from durable import Durable, Permanent, RetryPolicy, StepFailed
+from durable import Durable, DurableError, Permanent, RetryPolicy, StepFailed
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
                                                                        default=None)
@@ -305,3 +305,57 @@ def test_steps_in_finally_do_not_run_while_closing_and_the_workflow_resumes(
 
     assert asyncio.run(main()) == "ok"
     assert ran == ["slow", "slow", "cleanup"]
+
+
+def test_close_starts_no_queued_workflow_and_hands_every_one_back_for_the_next_open(
+        db: Path, rows: Any) -> None:
+    # Phase 1 (nothing starts from here on) and phase 4 (everything held is handed back)
+    # of close(): workflows waiting for one of max_running places stay unfinished and
+    # unheld, and the next open runs them.
+    ran: list[str] = []
+    inside = threading.Event()
+
+    def step(wf_id: str) -> str:
+        ran.append(wf_id)
+        inside.set()
+        time.sleep(0.2)
+        return wf_id
+
+    def build() -> Durable:
+        dur = Durable(db, max_running=1)
+
+        @dur.register(name="wf")
+        def wf(ctx):
+            return (yield ctx.run(step, ctx.id))
+        return dur
+
+    async def main() -> list[Any]:
+        async with build() as dur:
+            for wf_id in ("a", "b", "c"):
+                await dur.run(wf_id, "wf")
+            while not inside.is_set():
+                await asyncio.sleep(0.01)
+        assert ran == ["a"]  # b and c never started
+        assert rows(db, "SELECT id, state, owner FROM workflows ORDER BY id") == [
+            ("a", "running", None), ("b", "pending", None), ("c", "pending", None)]
+        async with build() as again:
+            return [await (await again.get(wf_id)).result(timeout=10)
+                    for wf_id in ("a", "b", "c")]
+
+    assert asyncio.run(main()) == ["a", "b", "c"]
+    assert sorted(ran) == ["a", "b", "c"]  # a's step returned within the grace: recorded
+
+
+def test_close_of_a_closed_or_never_opened_durable_does_nothing_and_run_is_refused(
+        db: Path) -> None:
+    # Phase 5 (shut): after close() nothing is left to stop, and the journal is closed.
+    async def main() -> None:
+        dur = Durable(db)
+        await dur.close()  # never opened
+        async with dur:
+            pass
+        await dur.close()  # closed already
+        with pytest.raises(DurableError, match="is not open"):
+            await dur.run("x", "wf")
+
+    asyncio.run(main())
