@@ -49,9 +49,10 @@ the attempt's *begin row* (state running, attempt n); then the body runs; then t
 machine judges the outcome: done, retry after a delay, or failed for good. A done
 row is not committed alone: it goes with the workflow's next checkpoint (the next
 step's begin row, a sleep, or the workflow's end), so the next step never starts
-before the previous result is durable, and a 4-step workflow commits 5 times, not
-9. Every checkpoint is fenced: it writes only while this process holds the workflow
-unfinished, so a cancelled or taken-over workflow records nothing more.
+before the previous result is durable, and the steps and end of a 4-step workflow
+take 5 commits, not 9 (run()'s insert is one more). Every checkpoint is fenced: it
+writes only while this process holds the workflow unfinished, so a cancelled or
+taken-over workflow records nothing more.
 
 Sections, top to bottom: errors; records; codec and checks; owner identity; stores
 (_SqliteJournal: every SQL statement) and the operations on them; group commit (the
@@ -1759,27 +1760,17 @@ def _go_on(run: _Run, step: _Step | None, value: Any, stopped: Callable[[], bool
     in this thread (or, step None, when the workflow starts here): go on with the
     workflow here while its next calls are fresh sync steps, committing each
     checkpoint from this thread, so that the loop is not needed between one step and
-    the next. Returns `value` untouched if it did not go on, else a _Handback. (One
-    function, not three: it runs for every step of a workflow alone.)"""
-    durable, gen = run.durable, run.gen
-    writer, pool = durable._writer, durable._pool
-    if gen is None or writer is None or pool is None:  # ended or closed meanwhile
+    the next. Returns `value` untouched if it did not go on, else a _Handback."""
+    gen = run.gen
+    if gen is None or run.durable._writer is None:  # ended or closed meanwhile
         return value if step is not None else None
     went_on = step is None
     while True:
         send = None
         if step is not None:
-            # The loop judges what is not plainly done: stopped, replaying, crowded, an
-            # awaitable, or a value that is not JSON (it fails the step clearly).
-            if (run.stop is not None or run.journal or stopped()
-                    or not durable._threads_checkpoint() or inspect.isawaitable(value)):
+            done, send = _done_here(run, step, value, stopped)
+            if not done:
                 return _Handback(step=step, value=value) if went_on else value
-            try:
-                text = _dumps(value)
-            except (TypeError, ValueError):
-                return _Handback(step=step, value=value) if went_on else value
-            row, send = _done(step, text)
-            run.pending.append(row)
         went_on = True
         try:
             call = run.vars.run(gen.send, send)
@@ -1792,17 +1783,45 @@ def _go_on(run: _Run, step: _Step | None, value: Any, stopped: Callable[[], bool
         if not _begins_here(run, call) or stopped():
             return _Handback(call=call)
         assert isinstance(call, _StepCall)
-        opened = _open_step(run, call)
-        assert isinstance(opened, _Step)  # nothing left to replay
-        step, begin = opened, _begin(opened)
-        assert begin is not None  # a fresh step has attempts left
-        ok, result = writer.commit_here(_Checkpoint(run, [begin]), pool.busy <= 1)
-        if not ok:
-            return _Handback(write_error=result)
+        began = _begin_here(run, call)
+        if isinstance(began, _Handback):
+            return began
+        step = began
         try:
             value = run.vars.copy().run(call.fn, *call.args, **call.kwargs)
         except BaseException as exc:
             return _Handback(step=step, ok=False, value=exc)
+
+
+def _done_here(run: _Run, step: _Step, value: Any, stopped: Callable[[], bool]
+               ) -> tuple[bool, Any]:
+    """In a step thread, `step` returned `value`: (True, what the workflow gets) with
+    the done row deferred, when the thread may go on; (False, None) when the loop is
+    to judge it (stopped, replaying, crowded, an awaitable, not JSON)."""
+    if (run.stop is not None or run.journal or stopped()
+            or not run.durable._threads_checkpoint() or inspect.isawaitable(value)):
+        return False, None
+    try:
+        text = _dumps(value)
+    except (TypeError, ValueError):  # the loop fails the step with a clear error
+        return False, None
+    row, result = _done(step, text)
+    run.pending.append(row)
+    return True, result
+
+
+def _begin_here(run: _Run, call: _StepCall) -> _Step | _Handback:
+    """In a step thread: open a fresh step and commit its begin row (with the
+    deferred ones) from here; a _Handback if the commit failed."""
+    writer, pool = run.durable._writer, run.durable._pool
+    if writer is None or pool is None:  # closed meanwhile
+        return _Handback(call=call)
+    step = _open_step(run, call)
+    assert isinstance(step, _Step)  # nothing left to replay
+    begin = _begin(step)
+    assert begin is not None  # a fresh step has attempts left
+    ok, result = writer.commit_here(_Checkpoint(run, [begin]), pool.busy <= 1)
+    return step if ok else _Handback(write_error=result)
 
 
 def _finish_here(run: _Run, value: Any, stopped: Callable[[], bool]) -> _Handback:
