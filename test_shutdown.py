@@ -254,7 +254,10 @@ def test_run_racing_close_leaves_a_workflow_that_the_next_open_runs(
         await asyncio.sleep(0)
         await dur.close()
         assert (await call).created
-        assert rows(db, "SELECT state, owner FROM workflows") == [("pending", None)]
+        # Recorded and handed back; under load its first step may have begun before
+        # close() did (then it is running, its result recorded or its step to run again).
+        (state, owner), = rows(db, "SELECT state, owner FROM workflows")
+        assert state in ("pending", "running") and owner is None
         async with build() as again:
             return await (await again.get("r")).result(timeout=5)
 
