@@ -457,15 +457,15 @@ async def order_status(request: Request) -> JSONResponse:
         return status_answer(status)  # rendering the body recurses into the result too
     except (NotFound, InvalidInput):  # no such id, or one that no order can have
         return JSONResponse({"status": "not_found"}, status_code=404)
-    except (UnreadableRecord, RecursionError):
-        # The journal holds a value nested too deeply to read (or to render) for this
-        # order: 500, since the request is fine and the fault is in our own record of
-        # it; not the 503 (with Retry-After) of an unavailable journal, since retrying
-        # cannot help: the next read fails the same way. Other orders are unaffected.
-        log.error("order %r cannot be shown: the journal holds a value nested too deeply "
-                  "to read for it", order_id)
-        return error(500, f"order {order_id!r} cannot be shown: the journal holds a value "
-                          "nested too deeply to read for it")
+    except (UnreadableRecord, RecursionError) as exc:
+        # The journal holds a value that cannot be read (or rendered) for this order:
+        # 500, since the request is fine and the fault is in our own record of it; not
+        # the 503 (with Retry-After) of an unavailable journal, since retrying cannot
+        # help: the next read fails the same way. Other orders are unaffected.
+        why = str(exc) if isinstance(exc, UnreadableRecord) else \
+            "the journal holds a value nested too deeply to read for it"
+        log.error("order %r cannot be shown: %s", order_id, why)
+        return error(500, f"order {order_id!r} cannot be shown: {why}")
 
 
 def status_answer(status: Status) -> JSONResponse:

@@ -141,8 +141,9 @@ class JournalError(DurableError):
 
 class UnreadableRecord(JournalError):
     """A workflow's record in the journal holds a value that cannot be read back (nested
-    too deeply: whoever can write the file can put anything in it). Reading that
-    workflow fails the same way every time; other workflows read as before."""
+    too deeply, or not JSON: whoever can write the file can put anything in it).
+    Reading that workflow fails the same way every time; other workflows read as
+    before."""
 
 
 class InvalidInput(DurableError, ValueError):
@@ -346,19 +347,31 @@ def _dumps(value: Any, *, canonical: bool = False) -> str:
     return text
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(constant)
+
+
+# Strict like the encoder: NaN and Infinity, which json accepts, are not JSON.
+_DECODE = json.JSONDecoder(parse_constant=_not_json).decode
+
+
 def _loads(text: str | None, workflow_id: str | None = None) -> Any:
     """A value from the journal. Whoever can write the file can put anything there: a
-    value nested too deeply to decode fails reading that workflow, and nothing else."""
+    value nested too deeply to decode, or one that is not JSON, fails reading that
+    workflow, and nothing else."""
     try:
-        return None if text is None else json.loads(text)
+        return None if text is None else _DECODE(text)
     except RecursionError:  # [[[[...]]]] past the interpreter's depth, put in the file
         raise _too_deep(workflow_id) from None
+    except ValueError as exc:  # not JSON at all, or NaN: not written by durable.py
+        raise _too_deep(workflow_id, f"that is not JSON ({exc})") from None
 
 
-def _too_deep(workflow_id: str | None) -> UnreadableRecord:
+def _too_deep(workflow_id: str | None, what: str = "nested too deeply to read"
+              ) -> UnreadableRecord:
     """Also for a value read back but too deep to render (repr, asdict, json.dumps)."""
     whose = "" if workflow_id is None else f", for workflow {workflow_id!r}"
-    return UnreadableRecord(f"the journal holds a value nested too deeply to read{whose}")
+    return UnreadableRecord(f"the journal holds a value {what}{whose}")
 
 
 def _error_of(exc: BaseException) -> dict[str, Any]:

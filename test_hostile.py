@@ -129,6 +129,31 @@ def test_show_of_a_workflow_holding_a_value_nested_too_deeply_fails_cleanly_and_
     assert cli(path, "show", "good").returncode == 0
 
 
+@pytest.mark.parametrize("value", ["NaN", "[Infinity]", '{"total": '], ids=["nan", "inf", "cut"])
+def test_a_workflow_holding_a_value_that_is_not_json_fails_cleanly_for_status_result_and_show(
+        tmp_path: Path, value: str) -> None:
+    # json accepts NaN and Infinity, which durable.py never writes and the renderers
+    # (show, the service's JSON) refuse; a value cut short is no JSON at all.
+    path = tmp_path / "j.db"
+    journal_with(path, "bad", "good")
+    plant(path, "bad", "workflows", "result", value)
+    not_json = "the journal holds a value that is not JSON"
+
+    async def main() -> None:
+        async with Durable(str(path)) as dur:
+            for read in ((await dur.get("bad")).status, (await dur.get("bad")).result):
+                with pytest.raises(JournalError) as raised:
+                    await read()
+                assert not_json in str(raised.value) and "'bad'" in str(raised.value)
+            assert await (await dur.get("good")).result(timeout=10) == {"total": 2}
+
+    asyncio.run(main())
+    for as_json in ([], ["--json"]):
+        shown = cli(path, "show", "bad", *as_json)
+        assert shown.returncode == 1 and not_json in shown.stderr, shown
+        assert "Traceback" not in shown.stderr and shown.stdout == ""
+
+
 def test_show_json_of_a_value_shallow_enough_to_read_but_too_deep_to_render_fails_cleanly(
         tmp_path: Path) -> None:
     # 600 levels decode (json.loads costs one frame a level), but dataclasses.asdict
@@ -207,7 +232,7 @@ def assert_cannot_be_shown(answer: httpx.Response, order_id: str) -> None:
 def test_the_service_answers_an_unreadably_deep_order_with_a_json_error_and_serves_the_next(
         tmp_path: Path) -> None:
     ids = [f"ord_{table}_{column}" for table, column in PLACES]
-    with service(tmp_path, *ids, "ord_good") as url:
+    with service(tmp_path, *ids, "ord_good", "ord_nan") as url:
         for (table, column), order_id in zip(PLACES, ids, strict=True):
             plant(tmp_path / "orders.db", order_id, table, column, DEEP)  # while it runs
         for order_id in ids:
@@ -215,6 +240,10 @@ def test_the_service_answers_an_unreadably_deep_order_with_a_json_error_and_serv
                                    order_id)
             good = httpx.get(f"{url}/orders/ord_good/status", timeout=10)
             assert good.status_code == 200 and good.json()["status"] == "done", good.text
+        plant(tmp_path / "orders.db", "ord_nan", "workflows", "result", "NaN")
+        answer = httpx.get(f"{url}/orders/ord_nan/status", timeout=10)
+        assert answer.status_code == 500, answer.text
+        assert "not JSON" in answer.json()["error"] and "'ord_nan'" in answer.json()["error"]
     assert (tmp_path / "server.log").read_text().count("nested too deeply") == len(ids)
 
 
