@@ -1538,7 +1538,9 @@ class _Run:
 
     def _flush(self) -> None:
         self.flush_due = False
-        if self.pending and self.stop is None:
+        # Not while a step thread may be going on with the workflow: the rows deferred
+        # here went with that step's checkpoint, and what is pending now is the thread's.
+        if self.pending and self.stop is None and not (self.gen and self.steps_due):
             future = self.durable._open_writer().submit(_Checkpoint(self, []))
             future.add_done_callback(_retrieve)
             self.inflight.append(future)
@@ -2374,6 +2376,7 @@ class Durable:
             raise
         pid = os.getpid()
         self._owner = f"{self._host}|{pid}|{_process_start(pid)}|{secrets.token_hex(4)}"
+        self._clock = _LeaseClock()  # from the wall clock at open, as NTP has set it by now
         self._closing = False
         self._reader = reader
         self._writer = _Writer(journal, loop)
@@ -2928,7 +2931,6 @@ class Durable:
         try:
             await self._resume([(workflow_id, self._owner, True)])
         except DurableError as exc:
-            self._retry_later(workflow_id, exc)
             self._retry_later(workflow_id, exc)
 
 
