@@ -877,10 +877,16 @@ class _SqliteJournal:
     _FORGET_OWNERS = """
         DELETE FROM owners WHERE expires_at < ? AND id NOT IN (
             SELECT owner FROM workflows
+            WHERE state IN ('pending', 'running') AND owner IS NOT NULL) AND id NOT IN (
+            SELECT owner || '|closed' FROM workflows
             WHERE state IN ('pending', 'running') AND owner IS NOT NULL)"""
     _DELETE_OWNER = "DELETE FROM owners WHERE id = ?"
+    # A holder that closed with step threads still running keeps their workflows under
+    # its last lease, and says so in a row "<holder>|closed": alive or not, its lease
+    # alone decides.
     _ORPHANS = """
-        SELECT w.id, w.name, w.owner, o.expires_at
+        SELECT w.id, w.name, w.owner, o.expires_at,
+               EXISTS (SELECT 1 FROM owners c WHERE c.id = w.owner || '|closed')
         FROM workflows w LEFT JOIN owners o ON o.id = w.owner
         WHERE w.state IN ('pending', 'running') AND (w.owner IS NULL OR w.owner != ?)"""
     # Takes a workflow from the owner seen a moment ago, only if that owner is still its
@@ -914,8 +920,9 @@ class _SqliteJournal:
         if forget_before is not None:
             self._conn.execute(self._FORGET_OWNERS, (forget_before,))
 
-    def orphans(self, owner: str) -> list[tuple[str, str, str | None, float | None]]:
-        """Unfinished workflows not held by `owner`: (id, name, owner, its lease end)."""
+    def orphans(self, owner: str) -> list[tuple[str, str, str | None, float | None, int]]:
+        """Unfinished workflows not held by `owner`: (id, name, owner, its lease end,
+        whether that owner has closed)."""
         return self._conn.execute(self._ORPHANS, (owner,)).fetchall()
 
     def claim(self, owner: str, workflow_id: str, seen: str | None, dead: bool,
@@ -946,6 +953,7 @@ class _SqliteJournal:
         self._conn.executemany(self._RELEASE, [(i, owner) for i in owned if i not in keep])
         if keep:
             self._conn.execute(self._RENEW, (owner, expires_at))
+            self._conn.execute(self._RENEW, (owner + "|closed", expires_at))
         else:
             self._conn.execute(self._DELETE_OWNER, (owner,))
 
@@ -2857,10 +2865,10 @@ class Durable:
         candidates: list[tuple[str, str | None, bool]] = []
         strangers: dict[str, int] = {}
         verdicts: dict[str, bool | None] = {}
-        for wf_id, name, owner, expires in await self._query(
+        for wf_id, name, owner, expires, closed in await self._query(
                 lambda journal: journal.orphans(self._owner)):
             alive = None if owner is None else verdicts.setdefault(
-                owner, _liveness(owner, self._host))
+                owner, None if closed else _liveness(owner, self._host))
             if alive or (alive is None and owner is not None and expires is not None
                          and expires >= now):
                 continue  # alive on this machine, or elsewhere with a live lease

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from durable import Durable
+
 HERE = Path(__file__).resolve().parent
 
 WORKER = textwrap.dedent("""
@@ -322,3 +324,61 @@ def test_cli_show_says_who_holds_a_stuck_workflow_and_whether_it_is_alive(
     assert "  now: running step 2 'step', attempt 1" in alive
     assert f"  held by: pid {holder.pid} on " in alive and "lease renewed" in alive
     assert f"  held by: pid {holder.pid} on " in dead and "which has exited" in dead
+
+
+CLOSER = textwrap.dedent("""
+    import asyncio, sys, time
+    from durable import Durable
+
+    def slow():
+        time.sleep(60)
+        return "late"
+
+    async def main():
+        dur = Durable(sys.argv[1], lease=1.0)
+
+        @dur.register(name="flow")
+        def flow(ctx):
+            return (yield ctx.run(slow))
+
+        async with dur:
+            await dur.run("wf", flow)
+            await asyncio.sleep(0.3)  # its step is running
+            await dur.close(grace=0.2)  # the step outlives the grace: held under the lease
+        print("closed", flush=True)
+        time.sleep(60)  # and the process lives on
+
+    asyncio.run(main())
+""")
+
+
+def test_a_workflow_kept_by_a_closed_durable_of_a_live_process_is_taken_over_after_its_lease(
+        tmp_path: Path) -> None:
+    # A live process on this machine is not taken over; one that closed its Durable
+    # while a step thread ran on has said it is done with it: its lease decides.
+    script, db = tmp_path / "closer.py", tmp_path / "shared.db"
+    script.write_text(CLOSER)
+    holder = subprocess.Popen([sys.executable, str(script), str(db)], text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "closed\n"
+        time.sleep(1.2)  # its lease has run out; the process is alive
+
+        async def main() -> Any:
+            dur = Durable(db, lease=1.0)
+
+            def slow() -> str:  # the same step, quick here
+                return "here"
+
+            @dur.register(name="flow")
+            def flow(ctx: Any) -> Any:
+                return (yield ctx.run(slow))
+
+            async with dur:
+                return await (await dur.get("wf")).result(timeout=10)
+
+        assert holder.poll() is None
+        assert asyncio.run(main()) == "here"
+    finally:
+        holder.kill()
+        holder.communicate()
