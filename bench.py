@@ -842,6 +842,68 @@ def bench_memory(folder: Path, sizes: Sizes) -> list[Row]:
     ]
 
 
+# INSTRUCTIONS: a count that the machine's noise does not move, for before/after pairs.
+
+# The workload, run in a child with the durable.py of the folder it is given first on
+# its path: `count` 4-step workflows one at a time ("seq") or all at once ("con").
+INSTRUCTIONS_WORKLOAD = """
+import asyncio, os, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+from durable import Durable
+mode, count = sys.argv[2], int(sys.argv[3])
+
+def add_one(n):
+    return n + 1
+
+dur = Durable(os.path.join(tempfile.mkdtemp(), "j.db"), synchronous="NORMAL")
+
+@dur.register
+def four(ctx, n):
+    for _ in range(4):
+        n = yield ctx.run(add_one, n)
+    return n
+
+async def main():
+    async with dur:
+        await (await dur.run("warm", four, 0)).result()
+        if mode == "seq":
+            for i in range(count):
+                await (await dur.run(f"w{i}", four, i)).result()
+        else:
+            handles = await asyncio.gather(*(dur.run(f"w{i}", four, i) for i in range(count)))
+            await asyncio.gather(*(h.result() for h in handles))
+
+asyncio.run(main())
+"""
+
+
+def instructions(folder: Path, mode: str, count: int) -> int:
+    """Instructions the process executes, counted by valgrind's callgrind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
+             sys.executable, "-c", INSTRUCTIONS_WORKLOAD, str(folder), mode, str(count)],
+            capture_output=True, text=True, check=True).stderr
+    return int(out.split("Collected :")[1].split()[0])
+
+
+def bench_instructions(baseline: Path) -> None:
+    """Instructions per workflow, this folder's durable.py against `baseline`'s, each a
+    run of `count` workflows less a run of none. Deterministic on a quiet machine (under
+    load, thread timing changes the paths taken a little)."""
+    print("| workload | baseline | this durable.py | ratio |")
+    print("|---|---|---|---|")
+    for mode, count, what in (("seq", 100, "sequential 4-step, NORMAL"),
+                              ("con", 400, "400 concurrent 4-step, NORMAL")):
+        per = []
+        for folder in (baseline, HERE):
+            progress(f"callgrind: {what}, {folder}")
+            per.append((instructions(folder, mode, count) - instructions(folder, mode, 0))
+                       / count)
+        print(f"| {what} | {per[0]:,.0f} instr/wf | {per[1]:,.0f} instr/wf | "
+              f"{per[1] / per[0]:.3f}x |")
+
+
 # MAIN.
 
 
@@ -849,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="every scenario at tiny sizes: a smoke test of a few seconds")
+    parser.add_argument("--instructions", metavar="BASELINE_DIR", type=Path,
+                        help="instead: instructions per workflow (valgrind) of this "
+                             "durable.py against the one in BASELINE_DIR (a checkout)")
     parser.add_argument("--crash-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -858,6 +923,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child:
         path, *marks = args.memory_child
         asyncio.run(memory_child(Path(path), [int(m) for m in marks]))
+        return 0
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            parser.error("--instructions needs valgrind (apt-get install valgrind)")
+        if not (args.instructions / "durable.py").is_file():
+            parser.error(f"no durable.py in {args.instructions}")
+        bench_instructions(args.instructions)
         return 0
     sizes = QUICK_RUN if args.quick else FULL_RUN
     started = time.monotonic()
