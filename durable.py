@@ -1548,7 +1548,7 @@ class _Run:
         self.flush_due = False
         # Not while a step thread may be going on with the workflow: the rows deferred
         # here went with that step's checkpoint, and what is pending now is the thread's.
-        if self.pending and self.stop is None and not (self.gen and self.steps_due):
+        if self.pending and self.stop is None and not (self.gen is not None and self.steps_due):
             future = self.durable._open_writer().submit(_Checkpoint(self, []))
             future.add_done_callback(_retrieve)
             self.inflight.append(future)
