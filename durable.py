@@ -476,7 +476,35 @@ class _LeaseClock:
 
     def __call__(self) -> float:
         return self._wall + (time.monotonic() - self._mono)
-# STORES: every statement sent to a journal, and everything particular to SQLite.
+# STORES: every statement sent to a journal, and everything particular to SQLite or
+# PostgreSQL. Both classes have the same verbs; nothing else knows which one it holds.
+
+
+def _is_url(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+def _redacted(target: str) -> str:
+    """The journal's name for messages: a URL without its password."""
+    if not _is_url(target):
+        return target
+    scheme, _, rest = target.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}://{userinfo}{at}{host}"
+
+
+def _check_version(where: str, version: int, known: int) -> None:
+    if version > known:
+        raise JournalError(
+            f"journal {_redacted(where)!r} has schema version {version}, newer than this "
+            f"durable.py {__version__} knows ({known}); upgrade durable.py to open it")
+
+
+def _not_written(where: str) -> JournalError:
+    return JournalError(f"{_redacted(where)!r} is not a durable.py journal (it holds no "
+                        "journal yet); give the journal a service has written")
 
 
 _Row = tuple[Any, ...]  # a step row, in the order of _SqliteJournal.STEP_COLUMNS
@@ -550,10 +578,13 @@ class _SqliteJournal:
     }
 
     def __init__(self, path: str, *, synchronous: str = "FULL", busy_timeout: float = 5.0,
-                 create: bool = True) -> None:
+                 create: bool = True, clock: Callable[[], float] | None = None,
+                 lease: float = 30.0) -> None:
         """Open the journal, refuse a file that is not one, and bring its schema up to
-        date. With create=False an empty file is refused too, and left as it is."""
+        date. With create=False an empty file is refused too, and left as it is.
+        Leases are measured on `clock`: this process's, as no server keeps time here."""
         self.path = path
+        self.clock = clock or _LeaseClock()
         try:
             # isolation_level=None: no implicit transactions; transaction() opens them.
             self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
@@ -575,8 +606,7 @@ class _SqliteJournal:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         version = self._schema_version()  # refuses a file that is not a journal, untouched
         if not create and version == 0:
-            raise JournalError(f"{self.path!r} is not a durable.py journal (it holds no "
-                               "journal yet); give the path of a journal a service has written")
+            raise _not_written(self.path)
         # WAL: readers never block the writer, the writer never blocks readers, and a
         # commit is one append to the log. https://www.sqlite.org/wal.html
         self._wal(busy_timeout)
@@ -616,11 +646,7 @@ class _SqliteJournal:
         if app_id != _APPLICATION_ID and (app_id or version or tables):
             raise JournalError(f"{self.path!r} is a SQLite database but not a durable.py "
                                "journal; keep the journal in a file of its own")
-        if version > len(self.MIGRATIONS):
-            raise JournalError(
-                f"journal {self.path!r} has schema version {version}, newer than this "
-                f"durable.py {__version__} knows ({len(self.MIGRATIONS)}); upgrade durable.py "
-                "to open it")
+        _check_version(self.path, version, len(self.MIGRATIONS))
         return int(version)
 
     def _wal(self, busy_timeout: float) -> None:
@@ -718,9 +744,11 @@ class _SqliteJournal:
         return {wf_id: (name, digest, state, owner) for wf_id, name, digest, state, owner
                 in self._conn.execute(self._IDENTITIES, (_dumps(ids),))}
 
-    def insert_many(self, rows: list[tuple[str, str, str, str, str]], now: float) -> None:
-        """Record new workflows (id, name, input, hash, owner): ids known to be free."""
+    def insert_many(self, rows: list[tuple[str, str, str, str, str]], now: float) -> set[str]:
+        """Record new workflows (id, name, input, hash, owner) whose ids were free a
+        moment ago; returns the ids taken meanwhile: none, under the write lock."""
         self._conn.execute(self._INSERT_MANY, (now, now, _dumps(rows)))
+        return set()
 
     # Checkpoints: step rows and a workflow's end, fenced on its holder.
 
@@ -885,7 +913,7 @@ class _SqliteJournal:
     # its last lease, and says so in a row "<holder>|closed": alive or not, its lease
     # alone decides.
     _ORPHANS = """
-        SELECT w.id, w.name, w.owner, o.expires_at,
+        SELECT w.id, w.name, w.owner, o.expires_at >= ?,
                EXISTS (SELECT 1 FROM owners c WHERE c.id = w.owner || '|closed')
         FROM workflows w LEFT JOIN owners o ON o.id = w.owner
         WHERE w.state IN ('pending', 'running') AND (w.owner IS NULL OR w.owner != ?)"""
@@ -913,22 +941,25 @@ class _SqliteJournal:
         UPDATE workflows SET owner = NULL
         WHERE id = ? AND owner = ? AND state IN ('pending', 'running')"""
 
-    def renew(self, owner: str, expires_at: float, forget_before: float | None) -> None:
-        """Renew `owner`'s lease; with `forget_before`, drop the leases of processes
-        gone since then that hold nothing."""
-        self._conn.execute(self._RENEW, (owner, expires_at))
-        if forget_before is not None:
-            self._conn.execute(self._FORGET_OWNERS, (forget_before,))
+    def renew(self, owner: str, lease: float, forget: bool) -> None:
+        """Renew `owner`'s lease for `lease` seconds; with `forget`, drop the leases of
+        processes gone for ten leases that hold nothing."""
+        now = self.clock()
+        self._conn.execute(self._RENEW, (owner, now + lease))
+        if forget:
+            self._conn.execute(self._FORGET_OWNERS, (now - 10 * lease,))
 
-    def orphans(self, owner: str) -> list[tuple[str, str, str | None, float | None, int]]:
-        """Unfinished workflows not held by `owner`: (id, name, owner, its lease end,
-        whether that owner has closed)."""
-        return self._conn.execute(self._ORPHANS, (owner,)).fetchall()
+    def orphans(self, owner: str) -> list[tuple[str, str, str | None, bool | None, bool]]:
+        """Unfinished workflows not held by `owner`: (id, name, owner, whether its lease
+        is alive (None: it has none), whether that owner has closed)."""
+        return [(wf_id, name, holder, None if live is None else bool(live), bool(closed))
+                for wf_id, name, holder, live, closed
+                in self._conn.execute(self._ORPHANS, (self.clock(), owner))]
 
-    def claim(self, owner: str, workflow_id: str, seen: str | None, dead: bool,
-              now: float) -> bool:
+    def claim(self, owner: str, workflow_id: str, seen: str | None, dead: bool) -> bool:
         """Take a workflow from the holder `seen` a moment ago, if that one still holds
-        it and is `dead` or holds no lease alive at `now`."""
+        it and is `dead` or holds no lease alive now."""
+        now = self.clock()
         return bool(self._conn.execute(
             self._CLAIM, (owner, now, workflow_id, seen, dead, now)).rowcount)
 
@@ -946,22 +977,515 @@ class _SqliteJournal:
                 steps += self._conn.execute(self._REPLAY, (wf_id,)).fetchall()
             return workflows, steps
 
-    def release(self, owner: str, keep: set[str], expires_at: float) -> None:
+    def release(self, owner: str, keep: set[str], lease: float) -> None:
         """Hand back every unfinished workflow `owner` holds, but those in `keep`; its
-        lease then ends, or, while it keeps some, runs until `expires_at`."""
+        lease then ends, or, while it keeps some, runs `lease` seconds more."""
         owned = [row[0] for row in self._conn.execute(self._OWNED, (owner,))]
         self._conn.executemany(self._RELEASE, [(i, owner) for i in owned if i not in keep])
         if keep:
+            expires_at = self.clock() + lease
             self._conn.execute(self._RENEW, (owner, expires_at))
             self._conn.execute(self._RENEW, (owner + "|closed", expires_at))
         else:
             self._conn.execute(self._DELETE_OWNER, (owner,))
 
 
+class _PostgresJournal:
+    """A journal in a PostgreSQL database (psycopg 3): one connection and every
+    statement durable.py sends it, each inside the one verb that runs it, with the
+    same verbs as _SqliteJournal.
+
+    Where it differs: the tables are named durable_* (they share a database with the
+    application's own), in the schema the URL's search_path names. Leases are
+    measured on the server's clock, so no machine's clock decides a takeover. The
+    server runs at READ COMMITTED, so every fence locks the workflow row it reads
+    (FOR SHARE, or the UPDATE itself): a takeover committed meanwhile is seen, and one
+    not yet committed is waited for. Claims skip rows locked by others (SKIP LOCKED),
+    so claimers never wait on each other or on a live holder's write. A lost
+    connection is opened again at the next verb; a COMMIT cut off in flight is
+    resolved by asking the server what became of the transaction, never assumed."""
+
+    failures: tuple[type[Exception], ...]
+
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
+        (
+            "CREATE TABLE durable_schema (version integer NOT NULL)",
+            "INSERT INTO durable_schema (version) VALUES (0)",
+            """CREATE TABLE durable_workflows (
+                id          text PRIMARY KEY,
+                name        text NOT NULL,
+                input       text NOT NULL,
+                input_hash  text NOT NULL,
+                state       text NOT NULL,
+                result      text,
+                error       text,
+                owner       text,
+                created_at  double precision NOT NULL,
+                updated_at  double precision NOT NULL,
+                finished_at double precision
+            )""",
+            """CREATE INDEX durable_workflows_unfinished ON durable_workflows (state)
+                WHERE state IN ('pending', 'running')""",
+            """CREATE TABLE durable_steps (
+                workflow_id text NOT NULL REFERENCES durable_workflows (id) ON DELETE CASCADE,
+                seq         integer NOT NULL,
+                name        text NOT NULL,
+                state       text NOT NULL,
+                attempts    integer NOT NULL,
+                result      text,
+                error       text,
+                failures    text,
+                started_at  double precision NOT NULL,
+                updated_at  double precision NOT NULL,
+                finished_at double precision,
+                PRIMARY KEY (workflow_id, seq)
+            )""",
+            """CREATE TABLE durable_owners (
+                id          text PRIMARY KEY,
+                expires_at  double precision NOT NULL
+            )""",
+        ),
+    )
+
+    # What to do about a PostgreSQL error, by its SQLSTATE (class or code).
+    # https://www.postgresql.org/docs/current/errcodes-appendix.html
+    ADVICE: ClassVar[dict[str, str]] = {
+        "08": "the server cannot be reached or dropped the connection; check that it runs "
+              "and that the URL's host and port are right",
+        "28": "the server refused the URL's user or password",
+        "3D000": "the database the URL names does not exist; create it",
+        "42501": "the URL's user may not create or write durable.py's tables",
+        "53": "the server is out of disk space, memory or connections",
+        "55P03": "another connection held a lock longer than busy_timeout",
+        "57P": "the server is shutting down or restarting",
+        "25P03": "a transaction stayed idle longer than one lease and the server ended it",
+    }
+
+    # Migrations take turns under this lock (one per database, held to the commit).
+    _MIGRATION_LOCK = _APPLICATION_ID
+
+    def __init__(self, url: str, *, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 create: bool = True, clock: Callable[[], float] | None = None,
+                 lease: float = 30.0) -> None:
+        """Connect, refuse a database whose journal is newer than this code, and create
+        or migrate the tables (with create=False, a database with none is refused).
+        `clock` is unused: leases are measured on the server's clock."""
+        try:
+            import psycopg
+        except ImportError:
+            raise JournalError(
+                'a postgresql:// journal needs psycopg 3: pip install "psycopg[binary]"'
+            ) from None
+        self._psycopg = psycopg
+        self.path = url
+        self.failures = (psycopg.Error,)
+        self._busy_timeout, self._lease = busy_timeout, lease
+        # synchronous_commit on: COMMIT returns once the commit is durable on the server
+        # (and on synchronous standbys); off: it may lose the last commits in a crash.
+        self._synchronous = "on" if synchronous == "FULL" else "off"
+        self._conn: Any = None
+        try:
+            self._connect()
+            self._migrate(create)
+        except psycopg.Error as exc:
+            self.close()
+            raise self.error(f"cannot use journal {_redacted(url)!r}", exc) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> Any:
+        conn = self._psycopg.connect(self.path, autocommit=True,
+                                     connect_timeout=max(2, int(self._busy_timeout)))
+        try:
+            # A client stopped inside a transaction (paused, cut off) loses it, and the
+            # row locks it held, within one lease, so its workflows can be taken over.
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false),"
+                "       set_config('lock_timeout', %s, false),"
+                "       set_config('synchronous_commit', %s, false)",
+                (str(max(100, int(self._lease * 1000))),
+                 str(max(1, int(self._busy_timeout * 1000))), self._synchronous))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _live(self) -> Any:
+        """The connection, opened again if it was lost."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            self._conn = None
+            conn = self._connect()
+        return conn
+
+    def _migrate(self, create: bool) -> None:
+        conn = self._conn
+        with self.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._MIGRATION_LOCK,))
+            if conn.execute("SELECT current_schema()").fetchone()[0] is None and create:
+                # The search_path's first schema does not exist yet: make it.
+                first = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
+                name = first.split(",")[0].strip()
+                if name.startswith('"'):
+                    name = name[1:-1].replace('""', '"')
+                if name and name != "$user":
+                    conn.execute(self._psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
+                                 .format(self._psycopg.sql.Identifier(name)))
+            version = 0
+            if conn.execute("SELECT to_regclass('durable_schema')").fetchone()[0] is not None:
+                version = int(conn.execute("SELECT version FROM durable_schema").fetchone()[0])
+            _check_version(self.path, version, len(self.MIGRATIONS))
+            if version == 0 and not create:
+                raise _not_written(self.path)
+            for statements in self.MIGRATIONS[version:]:
+                for sql in statements:
+                    conn.execute(sql)
+            if version < len(self.MIGRATIONS):
+                conn.execute("UPDATE durable_schema SET version = %s", (len(self.MIGRATIONS),))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def error(self, what: str, exc: Exception) -> JournalError:
+        """A JournalError for `exc`, one of `failures`, with what to do about it."""
+        code = getattr(exc, "sqlstate", None) or (
+            "08" if isinstance(exc, self._psycopg.OperationalError) else "")
+        advice = (self.ADVICE.get(code) or self.ADVICE.get(code[:3])
+                  or self.ADVICE.get(code[:2]))
+        text = str(exc).strip().replace("\n", "; ")
+        return JournalError(f"{what}: {text}" + (f" ({advice})" if advice else ""))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The one way into a write transaction. Any exception rolls it back; a COMMIT
+        whose answer was lost with the connection is resolved by asking the server."""
+        conn = self._live()
+        cur = conn.execute("BEGIN; SELECT pg_current_xact_id()::text")
+        cur.nextset()
+        xid = cur.fetchone()[0]
+        try:
+            yield
+        except BaseException:
+            if not conn.broken:
+                conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except self._psycopg.OperationalError:
+            if not conn.broken or not self._committed(xid):
+                raise
+
+    def _committed(self, xid: str) -> bool:
+        """Whether transaction `xid`, whose COMMIT went unanswered, committed: asked on
+        a new connection until the server knows (at most one lease)."""
+        deadline, pause = time.monotonic() + max(self._lease, self._busy_timeout), 0.05
+        while True:
+            try:
+                status = self._live().execute(
+                    "SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()[0]
+            except self._psycopg.OperationalError:
+                status = "in progress"  # the server is not back yet
+            if status != "in progress" or time.monotonic() > deadline:
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        if status == "committed":
+            _log.info("a commit lost its answer with the connection; the server says it "
+                      "committed")
+            return True
+        if status == "aborted":
+            return False
+        raise JournalError("a commit lost its answer with the connection and the server "
+                           "cannot say yet whether it committed; the workflows concerned "
+                           "resume from what the journal holds")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Several reads that see one state of the journal."""
+        conn = self._live()
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            yield
+        finally:
+            if not conn.broken:
+                conn.execute("COMMIT")
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._live().execute(sql, params).fetchone()
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(self._live().execute(sql, params).fetchall())
+
+    def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return int(self._live().execute(sql, params).rowcount)
+
+    # Workflows: run()'s insert, one at a time or many in two statements.
+
+    _INSERT = """
+        INSERT INTO durable_workflows (id, name, input, input_hash, state, owner,
+                                       created_at, updated_at)
+        VALUES (%s, %s, %s, %s, 'pending', %s, %s, %s)
+        ON CONFLICT (id) DO NOTHING"""
+    _IDENTITY = "SELECT name, input_hash, state, owner FROM durable_workflows WHERE id = %s"
+    _IDENTITIES = """
+        SELECT id, name, input_hash, state, owner FROM durable_workflows
+        WHERE id = ANY(%s::text[])"""
+    # In id order, so that two processes inserting the same ids never deadlock.
+    _INSERT_MANY = """
+        INSERT INTO durable_workflows (id, name, input, input_hash, state, owner,
+                                       created_at, updated_at)
+        SELECT i, n, t, h, 'pending', o, %s, %s
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS v(i, n, t, h, o)
+        ORDER BY i
+        ON CONFLICT (id) DO NOTHING RETURNING id"""
+
+    def insert(self, workflow_id: str, name: str, text: str, digest: str, owner: str,
+               now: float) -> bool:
+        """Record a new pending workflow; False (changing nothing) if the id is taken."""
+        return bool(self._count(self._INSERT,
+                                (workflow_id, name, text, digest, owner, now, now)))
+
+    def identity(self, workflow_id: str) -> tuple[str, str, str, str | None] | None:
+        """(name, input hash, state, owner) of a recorded workflow."""
+        row = self._one(self._IDENTITY, (workflow_id,))
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def identities(self, ids: list[str]) -> dict[str, tuple[str, str, str, str | None]]:
+        return {wf_id: (name, digest, state, owner) for wf_id, name, digest, state, owner
+                in self._all(self._IDENTITIES, (ids,))}
+
+    def insert_many(self, rows: list[tuple[str, str, str, str, str]], now: float) -> set[str]:
+        """Record new workflows (id, name, input, hash, owner) whose ids were free a
+        moment ago; returns the ids another process took meanwhile (not written)."""
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        written = {row[0] for row in self._all(self._INSERT_MANY, (now, now, *columns))}
+        return {row[0] for row in rows} - written
+
+    # Checkpoints: step rows and a workflow's end, fenced on its holder.
+
+    # The fence locks the workflow's row (FOR SHARE; the UPDATEs lock it themselves):
+    # a takeover committed since this statement began is seen, one under way is
+    # waited for, and none can commit before this transaction does.
+    _TOUCH = """
+        UPDATE durable_workflows SET state = 'running', updated_at = %s
+        WHERE id = %s AND owner = %s AND state IN ('pending', 'running')"""
+    _FINISH = """
+        UPDATE durable_workflows SET state = %s, result = %s, error = %s, updated_at = %s,
+                                     finished_at = %s
+        WHERE id = %s AND owner = %s AND state IN ('pending', 'running')"""
+    _STEP_ROWS = f"""
+        INSERT INTO durable_steps ({_SqliteJournal.STEP_COLUMNS})
+        SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[], %s::text[],
+                             %s::integer[], %s::text[], %s::text[], %s::text[],
+                             %s::float8[], %s::float8[], %s::float8[])"""
+    _STEP_UPSERT = _SqliteJournal._STEP_UPSERT
+    _PUT_STEPS = f"{_STEP_ROWS} {_STEP_UPSERT}"
+    _PUT_STEPS_FENCED = f"""
+        WITH fence AS (
+            SELECT 1 FROM durable_workflows
+            WHERE id = %s AND owner = %s AND state IN ('pending', 'running') FOR SHARE)
+        {_STEP_ROWS} WHERE EXISTS (SELECT 1 FROM fence) {_STEP_UPSERT}"""
+
+    def checkpoint(self, workflow_id: str, owner: str, rows: list[_Row],
+                   outcome: _Outcome | None, touch: bool) -> bool:
+        """Write step `rows` and the workflow's `outcome` (if any) only if `owner` holds
+        the workflow unfinished; `touch` marks it running first. False, writing nothing,
+        when it does not hold it."""
+        # One statement may not update a row twice: a step's last row stands for it.
+        latest = list({row[1]: row for row in rows}.values()) if len(rows) > 1 else rows
+        columns = [list(column) for column in zip(*latest, strict=True)] if latest else []
+        if outcome is None and not touch:  # the common case: one statement, fenced
+            return not latest or self._count(
+                self._PUT_STEPS_FENCED, (workflow_id, owner, *columns)) == len(latest)
+        now = time.time()
+        fence = (self._count(self._FINISH, (*outcome, now, now, workflow_id, owner))
+                 if outcome is not None
+                 else self._count(self._TOUCH, (now, workflow_id, owner)))
+        if fence != 1:
+            return False
+        if latest:
+            self._count(self._PUT_STEPS, columns)
+        return True
+
+    # Reads of one workflow.
+
+    _OUTCOME = "SELECT state, result, error FROM durable_workflows WHERE id = %s"
+    _STATE = "SELECT state, owner FROM durable_workflows WHERE id = %s"
+    _WORKFLOW = """
+        SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
+               w.finished_at, w.owner, o.expires_at
+        FROM durable_workflows w LEFT JOIN durable_owners o ON o.id = w.owner
+        WHERE w.id = %s"""
+    _STEPS = """
+        SELECT seq, name, state, attempts, result, error, failures, started_at, updated_at,
+               finished_at
+        FROM durable_steps WHERE workflow_id = %s ORDER BY seq"""
+
+    def outcome(self, workflow_id: str) -> _Outcome | None:
+        """(state, result, error) of a workflow, None for an unknown id."""
+        row = self._one(self._OUTCOME, (workflow_id,))
+        return None if row is None else (row[0], row[1], row[2])
+
+    def state(self, workflow_id: str) -> tuple[str, str | None] | None:
+        """(state, owner) of a workflow, None for an unknown id."""
+        row = self._one(self._STATE, (workflow_id,))
+        return None if row is None else (row[0], row[1])
+
+    def status(self, workflow_id: str) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
+        """A workflow's row (id, name, state, result, error, created, updated, finished,
+        owner, lease end) and its step rows, from one snapshot."""
+        with self.snapshot():
+            return self._one(self._WORKFLOW, (workflow_id,)), self._all(self._STEPS,
+                                                                        (workflow_id,))
+
+    _LIST = """
+        SELECT w.id, w.name, w.state, w.created_at, w.updated_at, w.finished_at,
+               (SELECT count(*) FROM durable_steps s WHERE s.workflow_id = w.id)
+        FROM durable_workflows w WHERE (%s::text IS NULL OR w.state = %s)
+        ORDER BY w.created_at DESC LIMIT %s"""
+
+    def listing(self, state: str | None, limit: int) -> list[tuple[Any, ...]]:
+        """Newest first: (id, name, state, created, updated, finished, step count)."""
+        return self._all(self._LIST, (state, state, limit))
+
+    # Operating: cancel, retry, prune (in a write transaction).
+
+    _CANCEL = """
+        UPDATE durable_workflows SET state = 'cancelled', error = %s, updated_at = %s,
+                                     finished_at = %s
+        WHERE id = %s AND state IN ('pending', 'running')"""
+    _LAST_FAILED = """
+        SELECT max(seq) FROM durable_steps WHERE workflow_id = %s AND state = 'failed'"""
+    _DELETE_STEPS_FROM = "DELETE FROM durable_steps WHERE workflow_id = %s AND seq >= %s"
+    _REOPEN = """
+        UPDATE durable_workflows SET state = 'pending', result = NULL, error = NULL,
+                                     finished_at = NULL, owner = NULL, updated_at = %s
+        WHERE id = %s AND state = 'failed'"""
+    _PRUNE = """
+        DELETE FROM durable_workflows WHERE id IN (
+            SELECT id FROM durable_workflows
+            WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < %s LIMIT %s)"""
+
+    def cancel(self, workflow_id: str, error: str, now: float) -> bool:
+        return bool(self._count(self._CANCEL, (error, now, now, workflow_id)))
+
+    def last_failed_step(self, workflow_id: str) -> int | None:
+        seq = self._one(self._LAST_FAILED, (workflow_id,))[0]
+        return None if seq is None else int(seq)
+
+    def reopen(self, workflow_id: str, from_seq: int | None, now: float) -> None:
+        """A failed workflow pending again, held by nobody, its steps from `from_seq` on
+        dropped."""
+        if from_seq is not None:
+            self._count(self._DELETE_STEPS_FROM, (workflow_id, from_seq))
+        self._count(self._REOPEN, (now, workflow_id))
+
+    def prune(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` workflows (and, by cascade, their steps) that finished
+        before `cutoff`."""
+        return self._count(self._PRUNE, (cutoff, limit))
+
+    # Holders: leases (on the server's clock), claims, release.
+
+    _NOW = "extract(epoch FROM clock_timestamp())::float8"
+    _RENEW = f"""
+        INSERT INTO durable_owners (id, expires_at) VALUES (%s, {_NOW} + %s)
+        ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at"""
+    _FORGET_OWNERS = f"""
+        DELETE FROM durable_owners WHERE expires_at < {_NOW} - %s AND id NOT IN (
+            SELECT owner FROM durable_workflows
+            WHERE state IN ('pending', 'running') AND owner IS NOT NULL) AND id NOT IN (
+            SELECT owner || '|closed' FROM durable_workflows
+            WHERE state IN ('pending', 'running') AND owner IS NOT NULL)"""
+    _DELETE_OWNER = "DELETE FROM durable_owners WHERE id = %s"
+    _ORPHANS = f"""
+        SELECT w.id, w.name, w.owner, o.expires_at >= {_NOW},
+               EXISTS (SELECT 1 FROM durable_owners c WHERE c.id = w.owner || '|closed')
+        FROM durable_workflows w LEFT JOIN durable_owners o ON o.id = w.owner
+        WHERE w.state IN ('pending', 'running') AND (w.owner IS NULL OR w.owner != %s)"""
+    # As on SQLite, and a row another transaction has locked (a live holder's fenced
+    # write, another claimer) is skipped, not waited for: the next round sees it.
+    _CLAIM = f"""
+        UPDATE durable_workflows SET owner = %s, updated_at = %s
+        WHERE id = (
+            SELECT w.id FROM durable_workflows w
+            WHERE w.id = %s AND w.owner IS NOT DISTINCT FROM %s
+              AND w.state IN ('pending', 'running')
+              AND (%s OR w.owner IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM durable_owners o WHERE o.id = w.owner
+                                                  AND o.expires_at >= {_NOW}))
+            FOR UPDATE SKIP LOCKED)"""
+    _OWNED = """
+        SELECT id, name, input FROM durable_workflows
+        WHERE owner = %s AND state IN ('pending', 'running')"""
+    _OWNED_STEPS = """
+        SELECT s.workflow_id, s.seq, s.name, s.state, s.attempts, s.result, s.error,
+               s.failures, s.updated_at
+        FROM durable_steps s JOIN durable_workflows w ON w.id = s.workflow_id
+        WHERE w.owner = %s AND w.state IN ('pending', 'running')"""
+    _INPUT = "SELECT id, name, input FROM durable_workflows WHERE id = ANY(%s::text[])"
+    _REPLAY = """
+        SELECT workflow_id, seq, name, state, attempts, result, error, failures, updated_at
+        FROM durable_steps WHERE workflow_id = ANY(%s::text[])"""
+    _RELEASE = """
+        UPDATE durable_workflows SET owner = NULL
+        WHERE owner = %s AND state IN ('pending', 'running') AND NOT (id = ANY(%s::text[]))"""
+
+    def renew(self, owner: str, lease: float, forget: bool) -> None:
+        """Renew `owner`'s lease for `lease` seconds; with `forget`, drop the leases of
+        processes gone for ten leases that hold nothing."""
+        self._count(self._RENEW, (owner, lease))
+        if forget:
+            self._count(self._FORGET_OWNERS, (10 * lease,))
+
+    def orphans(self, owner: str) -> list[tuple[str, str, str | None, bool | None, bool]]:
+        """Unfinished workflows not held by `owner`: (id, name, owner, whether its lease
+        is alive (None: it has none), whether that owner has closed)."""
+        return [tuple(row) for row in self._all(self._ORPHANS, (owner,))]
+
+    def claim(self, owner: str, workflow_id: str, seen: str | None, dead: bool) -> bool:
+        """Take a workflow from the holder `seen` a moment ago, if that one still holds
+        it and is `dead` or holds no lease alive now."""
+        return bool(self._count(self._CLAIM, (owner, time.time(), workflow_id, seen, dead)))
+
+    def load(self, owner: str, ids: list[str]) -> tuple[list[tuple[str, str, str]],
+                                                        list[tuple[Any, ...]]]:
+        """The workflows `ids` held by `owner`: (id, name, input) rows, and their step
+        rows (id, seq, name, state, attempts, result, error, failures, updated)."""
+        with self.snapshot():
+            if len(ids) > 64:
+                return (self._all(self._OWNED, (owner,)),
+                        self._all(self._OWNED_STEPS, (owner,)))
+            return self._all(self._INPUT, (ids,)), self._all(self._REPLAY, (ids,))
+
+    def release(self, owner: str, keep: set[str], lease: float) -> None:
+        """Hand back every unfinished workflow `owner` holds, but those in `keep`; its
+        lease then ends, or, while it keeps some, runs `lease` seconds more."""
+        self._count(self._RELEASE, (owner, sorted(keep)))
+        if keep:
+            self._count(self._RENEW, (owner, lease))
+            self._count(self._RENEW, (owner + "|closed", lease))
+        else:
+            self._count(self._DELETE_OWNER, (owner,))
+
+
+_Journal = _SqliteJournal | _PostgresJournal
+
+
+def _open_journal(target: str, **options: Any) -> _Journal:
+    """The store `target` names: a postgresql:// URL, or else an SQLite file."""
+    return (_PostgresJournal if _is_url(target) else _SqliteJournal)(target, **options)
+
+
 # OPERATIONS: the rules around the store's verbs, used by Durable and the command line.
 
 
-def _why_fenced(journal: _SqliteJournal, workflow_id: str) -> _Fenced:
+def _why_fenced(journal: _Journal, workflow_id: str) -> _Fenced:
     row = journal.state(workflow_id)
     if row is None:
         return _Fenced(workflow_id, "it was pruned from the journal")
@@ -973,7 +1497,7 @@ def _why_fenced(journal: _SqliteJournal, workflow_id: str) -> _Fenced:
                                 "or cut off past its lease)")
 
 
-def _read_status(journal: _SqliteJournal, workflow_id: str) -> Status:
+def _read_status(journal: _Journal, workflow_id: str) -> Status:
     row, steps = journal.status(workflow_id)
     if row is None:
         raise NotFound(f"no workflow has id {workflow_id!r}")
@@ -990,7 +1514,7 @@ def _read_status(journal: _SqliteJournal, workflow_id: str) -> Status:
     )
 
 
-def _cancel(journal: _SqliteJournal, workflow_id: str) -> bool:
+def _cancel(journal: _Journal, workflow_id: str) -> bool:
     """In a write transaction: cancel the workflow; False if it had finished already."""
     row = journal.state(workflow_id)
     if row is None:
@@ -1001,7 +1525,7 @@ def _cancel(journal: _SqliteJournal, workflow_id: str) -> bool:
     return journal.cancel(workflow_id, error, time.time())
 
 
-def _retry(journal: _SqliteJournal, workflow_id: str) -> int:
+def _retry(journal: _Journal, workflow_id: str) -> int:
     """In a write transaction: put a failed workflow back to run, from its last failed
     step (dropped from the journal with the steps after it: fresh attempts). Returns
     that step's position, or 0 when no step failed (it replays from the top). The
@@ -1018,7 +1542,7 @@ def _retry(journal: _SqliteJournal, workflow_id: str) -> int:
     return seq or 0
 
 
-def _prune(journal: _SqliteJournal, cutoff: float, limit: int) -> int:
+def _prune(journal: _Journal, cutoff: float, limit: int) -> int:
     """In a write transaction: delete up to `limit` workflows finished before `cutoff`.
     Unfinished workflows are never touched."""
     return journal.prune(cutoff, limit)
@@ -1027,7 +1551,7 @@ def _prune(journal: _SqliteJournal, cutoff: float, limit: int) -> int:
 # GROUP COMMIT: the writer thread, and the writes it commits.
 
 
-_Op = Callable[[_SqliteJournal], Any]
+_Op = Callable[[_Journal], Any]
 
 
 class _Writer:
@@ -1044,7 +1568,7 @@ class _Writer:
     gets a JournalError. Each caller resumes only after its commit returned.
     """
 
-    def __init__(self, journal: _SqliteJournal, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, journal: _Journal, loop: asyncio.AbstractEventLoop) -> None:
         self.journal = journal
         self._loop = loop
         # Writes wait here in order, and leave only under _lock, in that order: so one
@@ -1176,7 +1700,7 @@ class _Insert:
         self.id, self.name, self.text, self.digest, self.owner = (
             workflow_id, name, text, digest, owner)
 
-    def __call__(self, journal: _SqliteJournal) -> tuple[bool, str, str | None]:
+    def __call__(self, journal: _Journal) -> tuple[bool, str, str | None]:
         if journal.insert(self.id, self.name, self.text, self.digest, self.owner, time.time()):
             return True, "pending", self.owner
         known = journal.identity(self.id)
@@ -1198,7 +1722,7 @@ class _Insert:
         return False, state, owner
 
     @staticmethod
-    def all(journal: _SqliteJournal, inserts: list[_Insert]) -> list[tuple[bool, Any]]:
+    def all(journal: _Journal, inserts: list[_Insert]) -> list[tuple[bool, Any]]:
         """Write `inserts` as if one after another; (ok, result or refusal) for each."""
         known = journal.identities(list(dict.fromkeys(insert.id for insert in inserts)))
         outcomes: list[tuple[bool, Any]] = []
@@ -1213,8 +1737,15 @@ class _Insert:
                 known[insert.id] = (insert.name, insert.digest, "pending", insert.owner)
                 new.append((insert.id, insert.name, insert.text, insert.digest, insert.owner))
                 outcomes.append((True, (True, "pending", insert.owner)))
-        if new:
-            journal.insert_many(new, time.time())
+        taken = journal.insert_many(new, time.time()) if new else set()
+        if taken:  # by another process since `known` was read (PostgreSQL)
+            known = journal.identities(sorted(taken))
+            for i, insert in enumerate(inserts):
+                if insert.id in taken and outcomes[i] == (True, (True, "pending", insert.owner)):
+                    try:
+                        outcomes[i] = (True, insert.known(*known[insert.id]))
+                    except IdempotencyConflict as exc:
+                        outcomes[i] = (False, exc)
         return outcomes
 
 
@@ -1380,7 +1911,7 @@ class _Checkpoint:
         self.run, self.rows, self.outcome = run, run.pending + rows, outcome
         self.touch, run.pending, run.touched = not run.touched, [], True
 
-    def __call__(self, journal: _SqliteJournal) -> None:
+    def __call__(self, journal: _Journal) -> None:
         run = self.run
         if run.lost is not None:
             raise _Interrupted(run.lost)
@@ -2239,8 +2770,10 @@ class Durable:
                  max_threads: int = 32, max_running: int | None = None,
                  lease: float = 30.0) -> None:
         self.path = os.fspath(path)
-        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
-            raise InvalidInput(f"the journal must be a file path, not {self.path!r}")
+        if not self.path or self.path == ":memory:" or self.path.startswith("file:") or (
+                "://" in self.path and not _is_url(self.path)):
+            raise InvalidInput(f"the journal must be a file path or a postgresql:// URL, "
+                               f"not {_redacted(self.path)!r}")
         if synchronous not in ("FULL", "NORMAL"):
             raise InvalidInput(f'synchronous must be "FULL" or "NORMAL", not {synchronous!r}')
         if not isinstance(busy_timeout, int | float) or busy_timeout < 0:
@@ -2282,11 +2815,11 @@ class Durable:
         self._clock = _LeaseClock()
         self._writer: _Writer | None = None
         self._reader: ThreadPoolExecutor | None = None
-        self._reader_journal: _SqliteJournal | None = None
+        self._reader_journal: _Journal | None = None
         self._pool: _StepThreads | None = None
 
     def __repr__(self) -> str:
-        return f"Durable({self.path!r}, synchronous={self.synchronous!r})"
+        return f"Durable({_redacted(self.path)!r}, synchronous={self.synchronous!r})"
 
     # Registry.
 
@@ -2370,8 +2903,10 @@ class Durable:
             raise DurableError(f"{self!r} is already open")
         loop = asyncio.get_running_loop()
         reader = ThreadPoolExecutor(1, thread_name_prefix="durable-reader")
-        connect = functools.partial(_SqliteJournal, self.path, synchronous=self.synchronous,
-                                    busy_timeout=self.busy_timeout)
+        self._clock = _LeaseClock()  # from the wall clock at open, as NTP has set it by now
+        connect = functools.partial(_open_journal, self.path, synchronous=self.synchronous,
+                                    busy_timeout=self.busy_timeout, clock=self._clock,
+                                    lease=self.lease)
         try:
             journal = await loop.run_in_executor(reader, connect)
             try:
@@ -2384,7 +2919,6 @@ class Durable:
             raise
         pid = os.getpid()
         self._owner = f"{self._host}|{pid}|{_process_start(pid)}|{secrets.token_hex(4)}"
-        self._clock = _LeaseClock()  # from the wall clock at open, as NTP has set it by now
         self._closing = False
         self._reader = reader
         self._writer = _Writer(journal, loop)
@@ -2455,9 +2989,9 @@ class Durable:
         """Phase 4: hand back every workflow held here, so that another process may take
         it at once; one whose step thread still runs stays held until the lease ends."""
         writer, owner = self._open_writer(), self._owner
-        keep, expires = {run.id for run in self._stepping}, self._clock() + self.lease
+        keep, lease = {run.id for run in self._stepping}, self.lease
         with contextlib.suppress(DurableError):  # after every queued insert: none is orphaned
-            await writer.submit(lambda journal: journal.release(owner, keep, expires))
+            await writer.submit(lambda journal: journal.release(owner, keep, lease))
 
     async def _close_shut(self) -> None:
         """Phase 5: commit what is queued, close the journal, end the threads."""
@@ -2481,7 +3015,7 @@ class Durable:
 
     # Journal access.
 
-    async def _query(self, fn: Callable[[_SqliteJournal], _T]) -> _T:
+    async def _query(self, fn: Callable[[_Journal], _T]) -> _T:
         """Run `fn` on the reader's journal, in the reader thread."""
         self._open_writer()
         journal, reader = self._reader_journal, self._reader
@@ -2817,14 +3351,8 @@ class Durable:
     async def _renew(self, *, forget: bool = False) -> None:
         """Renew this process's lease: one row, however many workflows it holds. Its
         times come from the lease clock, which a jump of the system clock does not move."""
-        me, lease, clock = self._owner, self.lease, self._clock
-
-        def renew(journal: _SqliteJournal) -> None:
-            now = clock()
-            # With `forget`: the leases of processes long gone that hold nothing.
-            journal.renew(me, now + lease, now - 10 * lease if forget else None)
-
-        await self._open_writer().submit(renew)
+        me, lease = self._owner, self.lease
+        await self._open_writer().submit(lambda journal: journal.renew(me, lease, forget))
 
     async def _maintain(self) -> None:
         """Every tick: renew the lease, take over orphaned workflows, and wake sleeping
@@ -2844,7 +3372,7 @@ class Durable:
         if not napping:
             return
 
-        def read(journal: _SqliteJournal) -> list[tuple[_Run, _Fenced]]:
+        def read(journal: _Journal) -> list[tuple[_Run, _Fenced]]:
             stopped = []
             for run in napping:
                 row = journal.state(run.id)
@@ -2861,16 +3389,14 @@ class Durable:
         holds: no owner, a dead process on this machine (pid and start time tell), or
         a process elsewhere whose lease ran out. A live process on this machine is never
         taken over, whatever the clocks say. Returns how many were started."""
-        now = self._clock()
         candidates: list[tuple[str, str | None, bool]] = []
         strangers: dict[str, int] = {}
         verdicts: dict[str, bool | None] = {}
-        for wf_id, name, owner, expires, closed in await self._query(
+        for wf_id, name, owner, leased, closed in await self._query(
                 lambda journal: journal.orphans(self._owner)):
             alive = None if owner is None else verdicts.setdefault(
                 owner, None if closed else _liveness(owner, self._host))
-            if alive or (alive is None and owner is not None and expires is not None
-                         and expires >= now):
+            if alive or (alive is None and owner is not None and leased):
                 continue  # alive on this machine, or elsewhere with a live lease
             if name in self._registry:
                 candidates.append((wf_id, owner, alive is False))
@@ -2882,7 +3408,8 @@ class Durable:
                              "left for a process that registers them", count, name)
         started = await self._resume(candidates) if candidates else 0
         if opening and started:
-            _log.info("resumed %d unfinished workflow(s) from %s", started, self.path)
+            _log.info("resumed %d unfinished workflow(s) from %s", started,
+                      _redacted(self.path))
         elif started:
             _log.info("took over %d workflow(s) whose owner died or whose lease ran out",
                       started)
@@ -2892,15 +3419,14 @@ class Durable:
         """Claim each (id, owner seen, owner known dead) whose owner is unchanged and
         dead or without a live lease, then start it from its journal. Returns how many
         were started."""
-        me, clock = self._owner, self._clock
+        me = self._owner
         # Not while a task of ours for the id is still winding down: it must be fenced
         # and gone first, or it could write again under the claim renewed for it.
         candidates = [c for c in candidates if not self._here(c[0])]
 
-        def claim(journal: _SqliteJournal) -> list[str]:
-            now = clock()
+        def claim(journal: _Journal) -> list[str]:
             return [wf_id for wf_id, owner, dead in candidates
-                    if journal.claim(me, wf_id, owner, dead, now)]
+                    if journal.claim(me, wf_id, owner, dead)]
 
         claimed = await self._open_writer().submit(claim)
         workflows, steps = await self._query(
@@ -3070,7 +3596,7 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
         prog="python durable.py",
         description="See and steer the workflows in a durable.py journal. Safe to use "
                     "while a service writes the same file.")
-    parser.add_argument("journal", help="the journal file (SQLite)")
+    parser.add_argument("journal", help="the journal: an SQLite file or a postgresql:// URL")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="list workflows, newest first")
     listing.add_argument("--state", choices=[*_UNFINISHED, *_FINISHED])
@@ -3093,9 +3619,9 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
 
     try:
-        if not os.path.exists(args.journal):
+        if not _is_url(args.journal) and not os.path.exists(args.journal):
             raise JournalError(f"no journal at {args.journal!r}")
-        journal = _SqliteJournal(args.journal, create=False)
+        journal = _open_journal(args.journal, create=False)
     except DurableError as exc:
         print(f"durable: {_printable(str(exc))}", file=sys.stderr)
         return 1
