@@ -6,6 +6,7 @@ order, and the customer is charged once, because every outside call carries a ke
 derived from the order id.
 
     python app.py                    # 127.0.0.1:8000 (HOST, PORT), journal orders.db (DURABLE_DB)
+    DURABLE_DB=postgresql://... python app.py   # journal and fake providers in PostgreSQL
     MAX_RUNNING=32 python app.py     # orders processed at once (default 8; the rest wait)
     FLAKY=reserve python app.py      # reserve fails once per order, then succeeds on retry
     CRASH_AT=charge python app.py    # dies inside charge, after charging, before the checkpoint
@@ -45,8 +46,12 @@ from durable import (
 HOST = os.environ.get("HOST", "127.0.0.1")
 PORT = int(os.environ.get("PORT", "8000"))
 DURABLE_DB = os.environ.get("DURABLE_DB", "orders.db")
-# The fake providers keep their own file, as real ones keep their own systems.
-PROVIDERS_DB = os.environ.get("PROVIDERS_DB", os.path.splitext(DURABLE_DB)[0] + "-providers.db")
+ON_POSTGRES = DURABLE_DB.startswith(("postgresql://", "postgres://"))
+# The fake providers keep their own file, as real ones keep their own systems; on
+# PostgreSQL, their tables in the journal's database: services on several machines
+# then share one ledger, as they would share one payment provider.
+PROVIDERS_DB = os.environ.get("PROVIDERS_DB", DURABLE_DB if ON_POSTGRES
+                              else os.path.splitext(DURABLE_DB)[0] + "-providers.db")
 FLAKY = os.environ.get("FLAKY", "")
 CRASH_AT = os.environ.get("CRASH_AT", "")
 # Orders processed at once; the others wait their turn in the journal, already
@@ -68,17 +73,18 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, available INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS reservations (
     key TEXT PRIMARY KEY, order_id TEXT NOT NULL, items TEXT NOT NULL,
-    released INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
+    released INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS charges (
     key TEXT PRIMARY KEY, charge_id TEXT NOT NULL, order_id TEXT NOT NULL,
-    amount INTEGER NOT NULL, created_at REAL NOT NULL);
+    amount INTEGER NOT NULL, created_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS refunds (
     key TEXT PRIMARY KEY, charge_id TEXT NOT NULL, order_id TEXT NOT NULL,
-    amount INTEGER NOT NULL, created_at REAL NOT NULL);
+    amount INTEGER NOT NULL, created_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     key TEXT PRIMARY KEY, order_id TEXT NOT NULL, recipient TEXT NOT NULL,
-    subject TEXT NOT NULL, created_at REAL NOT NULL);
+    subject TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL);
 """
+_LEDGER_LOCK = 0x4C656467  # PostgreSQL: writers to the providers' tables take turns
 
 
 class UnknownSku(Permanent):
@@ -107,19 +113,45 @@ _local = threading.local()  # one connection per step thread, kept
 _write_lock = threading.Lock()  # writers queue here, not in SQLite's sleeping busy handler
 
 
+class PostgresLedger:
+    """The providers' connection on PostgreSQL, taking the statements as written for
+    SQLite (? parameters; both accept ON CONFLICT DO NOTHING)."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+    def executemany(self, sql: str, rows: Any) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), list(rows))
+
+    def begin(self, write: bool) -> None:
+        self.conn.execute("BEGIN")
+        if write:  # one writer at a time, on every machine, as BEGIN IMMEDIATE is on SQLite
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LEDGER_LOCK,))
+
+
 @contextlib.contextmanager
-def providers(*, write: bool = True) -> Iterator[sqlite3.Connection]:
+def providers(*, write: bool = True) -> Iterator[Any]:
     """One transaction on the providers' file; a write takes the lock up front.
 
     The fake providers stand in for outside systems, which keep their data on their
     own machines: NORMAL survives a crash of this process (what the demos and tests
     kill), without an fsync of this machine's disk per charge or email."""
     conn = getattr(_local, "conn", None)
-    if conn is None:
+    if conn is None and ON_POSTGRES:
+        conn = _local.conn = PostgresLedger(PROVIDERS_DB)
+    elif conn is None:
         conn = _local.conn = sqlite3.connect(PROVIDERS_DB, timeout=30, isolation_level=None)
         conn.execute("PRAGMA synchronous = NORMAL")
     with _write_lock if write else contextlib.nullcontext():
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if ON_POSTGRES:
+            conn.begin(write)
+        else:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield conn
             conn.execute("COMMIT")
@@ -129,6 +161,13 @@ def providers(*, write: bool = True) -> Iterator[sqlite3.Connection]:
 
 
 def setup_providers() -> None:
+    if ON_POSTGRES:
+        with providers() as conn:  # under the ledger's lock: workers starting at once
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.executemany("INSERT INTO stock (sku, available) VALUES (?, ?) "
+                             "ON CONFLICT DO NOTHING", STOCK.items())
+        return
     with contextlib.closing(sqlite3.connect(PROVIDERS_DB, timeout=30)) as conn:
         # Workers of `uvicorn --workers N` start together: switching a new file to WAL
         # is refused at once (not after the busy timeout) while another one holds it.
@@ -140,8 +179,8 @@ def setup_providers() -> None:
                 time.sleep(pause)
         conn.executescript(_SCHEMA)
     with providers() as conn:
-        conn.executemany("INSERT OR IGNORE INTO stock (sku, available) VALUES (?, ?)",
-                         STOCK.items())
+        conn.executemany("INSERT INTO stock (sku, available) VALUES (?, ?) "
+                         "ON CONFLICT DO NOTHING", STOCK.items())
 
 
 # STEPS: plain functions; durable.py runs them in worker threads.
@@ -281,8 +320,8 @@ def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> boo
     demo_switches("confirm", order["id"])
     email = order["customer"]["email"]
     with providers() as conn:
-        sent = conn.execute("INSERT OR IGNORE INTO outbox (key, order_id, recipient, subject, "
-                            "created_at) VALUES (?, ?, ?, ?, ?)",
+        sent = conn.execute("INSERT INTO outbox (key, order_id, recipient, subject, "
+                            "created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                             (key, order["id"], email,
                              f"Order {order['id']}: {dollars(amount)} charged ({charge_id})",
                              time.time())).rowcount
@@ -487,7 +526,7 @@ def list_charges(request: Request) -> JSONResponse:  # sync: Starlette runs it i
     with providers(write=False) as conn:
         rows = conn.execute("SELECT c.order_id, c.charge_id, c.amount, c.key, r.key IS NOT NULL "
                             "FROM charges c LEFT JOIN refunds r ON r.key = c.key "
-                            "ORDER BY c.created_at, c.rowid").fetchall()
+                            "ORDER BY c.created_at, c.key").fetchall()
     return JSONResponse({"charges": [
         {"orderId": o, "chargeId": c, "amount": a, "idempotencyKey": k, "refunded": bool(r)}
         for o, c, a, k, r in rows]})

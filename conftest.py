@@ -1,7 +1,10 @@
 """Fixtures shared by the test files, so that no test file imports another.
 
-- `db`, `rows`, `count`: a journal path in the test's folder, and reading any SQLite
-  file from outside, as another process would.
+- `db`, `rows`, `count`: a journal, and reading it from outside as another process
+  would. A test taking `db` runs once per store: an SQLite file in the test's folder
+  ([sqlite]) and a fresh schema on the PostgreSQL server DURABLE_TEST_POSTGRES names
+  ([postgres]); one marked `sqlite_only` (files, pragmas, disks) only on the first.
+  With no server reachable the [postgres] runs are skipped, or fail under CI=true.
 - `fast`: a retry policy that tries three times without waiting.
 - `lambda_free_workflow`: a one-step generator workflow around a function.
 - `order`, `service`, `service_class`: the order service's example order, and
@@ -17,6 +20,8 @@ import copy
 import functools
 import json
 import os
+import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -39,12 +44,96 @@ HERE = Path(__file__).resolve().parent
 # The journal, seen from outside.
 
 
+POSTGRES = os.environ.get("DURABLE_TEST_POSTGRES",
+                          "postgresql://postgres@127.0.0.1:5432/postgres")
+STORES = ("sqlite", "postgres")
+_postgres_down: list[str] = []  # why the server cannot be reached, once known
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only: the test is about SQLite itself (files, pragmas, disks)")
+    config.addinivalue_line(
+        "markers", "postgres_only: the test is about PostgreSQL itself (its settings, locks)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db" in metafunc.fixturenames:
+        marked = metafunc.definition.get_closest_marker
+        stores = (STORES[:1] if marked("sqlite_only") else
+                  STORES[1:] if marked("postgres_only") else STORES)
+        metafunc.parametrize("db", stores, indirect=True)
+
+
+def postgres_url(schema: str, base: str = POSTGRES) -> str:
+    """`base` with its tables in `schema` (durable.py creates the schema)."""
+    return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+
+
+def postgres_admin() -> Any:
+    """A connection to the test server (autocommit), or a skip (a failure under CI)
+    saying how to run the PostgreSQL tests."""
+    import psycopg
+    if not _postgres_down:
+        try:
+            return psycopg.connect(POSTGRES, autocommit=True, connect_timeout=3)
+        except psycopg.Error as exc:
+            _postgres_down.append(str(exc).strip().splitlines()[0])
+    why = (f"no PostgreSQL server at {POSTGRES} ({_postgres_down[0]}): start one "
+           "(make postgres) or set DURABLE_TEST_POSTGRES to run the [postgres] tests")
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh schema's URL on the test server, dropped afterwards."""
+    admin = postgres_admin()
+    schema = f"t_{secrets.token_hex(6)}"
+    admin.execute(f"CREATE SCHEMA {schema}")  # for the order service's tables too
+    try:
+        yield postgres_url(schema)
+    finally:
+        with contextlib.suppress(Exception):
+            admin.execute("SET lock_timeout = '10s'")
+            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.close()
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "journal.db"
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The journal: a file path ([sqlite]) or a URL naming a fresh schema ([postgres])."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield tmp_path / "journal.db"
+        return
+    with postgres_schema() as url:
+        yield url
 
 
-def _rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> str:
+    """Which store this test's `db` is: "sqlite" or "postgres"."""
+    callspec = getattr(request.node, "callspec", None)
+    return str(callspec.params.get("db", "sqlite")) if callspec else "sqlite"
+
+
+def is_postgres(db: Any) -> bool:
+    return isinstance(db, str) and db.startswith("postgresql://")
+
+
+def _postgres_sql(sql: str) -> str:
+    """A test's SQLite query as the PostgreSQL store names its tables."""
+    sql = re.sub(r"\b(workflows|steps|owners)\b(?!\()", r"durable_\1", sql)
+    return sql.replace("?", "%s")
+
+
+def _rows(db: Any, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    if is_postgres(db):
+        import psycopg
+        with psycopg.connect(db, autocommit=True) as pg:
+            cur = pg.execute(_postgres_sql(sql), params)
+            return [tuple(row) for row in cur.fetchall()] if cur.description else []
     conn = sqlite3.connect(db)
     try:
         with conn:
@@ -53,7 +142,39 @@ def _rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         conn.close()
 
 
-def _count(db: Path, table: str) -> int:
+@contextlib.contextmanager
+def _write_lock(db: Any) -> Iterator[str]:
+    """Hold the journal's write lock as another process would: writes wait for it
+    (and fail past busy_timeout), reads go on. Yields what the failure says."""
+    if is_postgres(db):
+        import psycopg
+        with psycopg.connect(db, autocommit=True) as pg:
+            pg.execute("BEGIN")
+            pg.execute("LOCK TABLE durable_workflows, durable_steps, durable_owners "
+                       "IN EXCLUSIVE MODE")
+            try:
+                yield "lock timeout"
+            finally:
+                pg.execute("ROLLBACK")
+        return
+    conn = sqlite3.connect(db, isolation_level=None, timeout=2)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield "database is locked"
+        finally:
+            conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def write_lock() -> Callable[[Any], contextlib.AbstractContextManager[str]]:
+    """`with write_lock(db) as says:` holds the journal's write lock meanwhile."""
+    return _write_lock
+
+
+def _count(db: Any, table: str) -> int:
     return int(_rows(db, f"SELECT count(*) FROM {table}")[0][0])
 
 
@@ -64,7 +185,7 @@ def rows() -> Callable[..., list[Any]]:
 
 
 @pytest.fixture
-def count() -> Callable[[Path, str], int]:
+def count() -> Callable[[Any, str], int]:
     """count(db, table): how many rows the table holds."""
     return _count
 
@@ -113,8 +234,9 @@ def _free_port() -> int:
 class Service:
     """`python app.py` on a free loopback port, with its files in one folder."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, journal: Any = None) -> None:
         self.folder = folder
+        self.journal = str(journal or "orders.db")  # a file in `folder`, or a URL
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs: list[Path] = []
@@ -133,7 +255,7 @@ class Service:
                 self.command(), cwd=self.folder, stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
-                     "DURABLE_DB": "orders.db", **env},
+                     "DURABLE_DB": self.journal, **env},
             )
         deadline = time.monotonic() + 20
         while True:

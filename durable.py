@@ -1084,6 +1084,7 @@ class _PostgresJournal:
         # (and on synchronous standbys); off: it may lose the last commits in a crash.
         self._synchronous = "on" if synchronous == "FULL" else "off"
         self._conn: Any = None
+        self._inside = False  # in a transaction or snapshot: no statement is tried again
         try:
             self._connect()
             self._migrate(create)
@@ -1103,9 +1104,11 @@ class _PostgresJournal:
             conn.execute(
                 "SELECT set_config('idle_in_transaction_session_timeout', %s, false),"
                 "       set_config('lock_timeout', %s, false),"
-                "       set_config('synchronous_commit', %s, false)",
+                "       set_config('synchronous_commit', %s, false),"
+                "       set_config('application_name', %s, false)",
                 (str(max(100, int(self._lease * 1000))),
-                 str(max(1, int(self._busy_timeout * 1000))), self._synchronous))
+                 str(max(1, int(self._busy_timeout * 1000))), self._synchronous,
+                 conn.info.parameter_status("application_name") or "durable.py"))
         except BaseException:
             conn.close()
             raise
@@ -1121,6 +1124,18 @@ class _PostgresJournal:
             self._conn = None
             conn = self._connect()
         return conn
+
+    def _execute(self, sql: str, params: Sequence[Any] = (), prepare: bool | None = None
+                 ) -> Any:
+        """Run one statement. Outside a transaction (a read, or BEGIN), one that met a
+        connection lost since the last use runs again on a new one; inside, nothing is
+        tried again: the transaction is gone with the connection."""
+        try:
+            return self._live().execute(sql, params, prepare=prepare)
+        except self._psycopg.OperationalError:
+            if self._inside or not self._conn.broken:
+                raise
+        return self._live().execute(sql, params, prepare=prepare)
 
     def _migrate(self, create: bool) -> None:
         conn = self._conn
@@ -1164,21 +1179,24 @@ class _PostgresJournal:
     def transaction(self) -> Iterator[None]:
         """The one way into a write transaction. Any exception rolls it back; a COMMIT
         whose answer was lost with the connection is resolved by asking the server."""
-        conn = self._live()
-        cur = conn.execute("BEGIN; SELECT pg_current_xact_id()::text")
-        cur.nextset()
-        xid = cur.fetchone()[0]
+        cur = self._execute("BEGIN; SELECT pg_current_xact_id()::text", prepare=False)
+        conn, self._inside = self._conn, True
         try:
-            yield
-        except BaseException:
-            if not conn.broken:
-                conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except self._psycopg.OperationalError:
-            if not conn.broken or not self._committed(xid):
+            cur.nextset()
+            xid = cur.fetchone()[0]
+            try:
+                yield
+            except BaseException:
+                if not conn.broken:
+                    conn.execute("ROLLBACK", prepare=False)
                 raise
+            try:
+                conn.execute("COMMIT", prepare=False)
+            except self._psycopg.OperationalError:
+                if not conn.broken or not self._committed(xid):
+                    raise
+        finally:
+            self._inside = False
 
     def _committed(self, xid: str) -> bool:
         """Whether transaction `xid`, whose COMMIT went unanswered, committed: asked on
@@ -1207,22 +1225,23 @@ class _PostgresJournal:
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
         """Several reads that see one state of the journal."""
-        conn = self._live()
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", prepare=False)
+        conn, self._inside = self._conn, True
         try:
             yield
         finally:
+            self._inside = False
             if not conn.broken:
-                conn.execute("COMMIT")
+                conn.execute("COMMIT", prepare=False)
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self._live().execute(sql, params).fetchone()
+        return self._execute(sql, params).fetchone()
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return list(self._live().execute(sql, params).fetchall())
+        return list(self._execute(sql, params).fetchall())
 
     def _count(self, sql: str, params: Sequence[Any] = ()) -> int:
-        return int(self._live().execute(sql, params).rowcount)
+        return int(self._execute(sql, params).rowcount)
 
     # Workflows: run()'s insert, one at a time or many in two statements.
 

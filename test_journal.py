@@ -19,6 +19,7 @@ from durable import Durable, DurableError, InvalidInput, JournalError
 # Settings and the journal file.
 
 
+@pytest.mark.sqlite_only
 def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(
         db: Path, rows: Any) -> None:
     async def main(dur: Durable) -> int:
@@ -30,6 +31,23 @@ def test_journal_is_wal_with_synchronous_full_by_default_and_normal_selectable(
     assert asyncio.run(main(Durable(db, synchronous="NORMAL"))) == 1
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
     assert rows(db, "PRAGMA user_version") == [(len(durable._SqliteJournal.MIGRATIONS),)]
+
+
+@pytest.mark.postgres_only
+def test_postgres_journal_commits_synchronously_by_default_and_normal_selectable(
+        db: Any) -> None:
+    async def main(dur: Durable) -> tuple[str, str, str]:
+        async with dur:
+            assert dur._writer is not None
+            conn = dur._writer.journal._conn
+            return tuple(conn.execute(  # type: ignore[return-value]
+                "SELECT current_setting('synchronous_commit'), "
+                "current_setting('idle_in_transaction_session_timeout'), "
+                "current_setting('lock_timeout')").fetchone())
+
+    assert asyncio.run(main(Durable(db))) == ("on", "30s", "5s")
+    assert asyncio.run(main(Durable(db, synchronous="NORMAL", lease=2, busy_timeout=0.5))) \
+        == ("off", "2s", "500ms")
 
 
 @pytest.mark.parametrize("settings", [
@@ -47,6 +65,7 @@ def test_memory_database_is_refused(tmp_path: Path) -> None:
         Durable(":memory:")
 
 
+@pytest.mark.sqlite_only
 def test_file_that_is_not_a_database_is_refused_and_left_untouched(db: Path) -> None:
     db.write_bytes(b"this is a text file, not SQLite\n" * 100)
     before = db.read_bytes()
@@ -55,6 +74,7 @@ def test_file_that_is_not_a_database_is_refused_and_left_untouched(db: Path) -> 
     assert db.read_bytes() == before
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_database_of_another_application_is_refused_and_left_untouched(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
@@ -64,15 +84,17 @@ def test_sqlite_database_of_another_application_is_refused_and_left_untouched(db
     assert db.read_bytes() == before
 
 
-def test_journal_with_a_newer_schema_is_refused_with_advice(db: Path) -> None:
+def test_journal_with_a_newer_schema_is_refused_with_advice(db: Path, rows: Any,
+                                                           store: str) -> None:
     async def touch() -> None:
         async with Durable(db):
             pass
 
     asyncio.run(touch())
-    with sqlite3.connect(db) as conn:
-        conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(JournalError, match=r"upgrade durable\.py"):
+    rows(db, "UPDATE durable_schema SET version = 99" if store == "postgres"
+         else "PRAGMA user_version = 99")
+    with pytest.raises(JournalError, match=r"schema version 99, newer than this durable\.py"
+                                           r".*; upgrade durable\.py to open it"):
         asyncio.run(touch())
 
 
@@ -114,26 +136,23 @@ def test_journal_holds_json_only(db: Path, rows: Any) -> None:
 # Journal trouble.
 
 
-def test_open_that_fails_leaves_nothing_running_and_can_be_tried_again(db: Path) -> None:
+def test_open_that_fails_leaves_nothing_running_and_can_be_tried_again(
+        db: Path, write_lock: Any) -> None:
     async def open_and_close(dur: Durable) -> None:
         async with dur:
             pass
 
     asyncio.run(open_and_close(Durable(db)))  # a journal to lock
     dur = Durable(db, busy_timeout=0.05)
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
     threads = set(threading.enumerate())
-    with pytest.raises(JournalError, match="locked"):
+    with write_lock(db) as says, pytest.raises(JournalError, match=says):
         asyncio.run(dur.open())
-    blocker.execute("ROLLBACK")
-    blocker.close()
     assert not [t for t in set(threading.enumerate()) - threads if t.name.startswith("durable")]
     asyncio.run(open_and_close(dur))  # not "already open"
 
 
 def test_journal_locked_past_busy_timeout_delays_the_workflow_then_it_finishes(
-        db: Path, caplog: pytest.LogCaptureFixture) -> None:
+        db: Path, write_lock: Any, caplog: pytest.LogCaptureFixture) -> None:
     dur = Durable(db, busy_timeout=0.05)
     gate = threading.Event()
 
@@ -145,16 +164,14 @@ def test_journal_locked_past_busy_timeout_delays_the_workflow_then_it_finishes(
     async def main() -> Any:
         async with dur:
             handle = await dur.run("l", wf)
-            blocker = sqlite3.connect(db, isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-            gate.set()
-            await asyncio.sleep(0.4)
-            assert not await handle.done()
-            blocker.execute("ROLLBACK")
-            blocker.close()
-            return await handle.result(timeout=10)
+            with write_lock(db) as says:  # another process holds the write lock
+                gate.set()
+                await asyncio.sleep(0.4)
+                assert not await handle.done()
+            return says, await handle.result(timeout=10)
 
     with caplog.at_level(logging.WARNING, logger="durable"):
-        assert asyncio.run(main()) == "done"
+        says, result = asyncio.run(main())
+    assert result == "done"
     assert "could not write its journal" in caplog.text
-    assert "database is locked" in caplog.text
+    assert says in caplog.text

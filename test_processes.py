@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -75,19 +75,27 @@ WORKER = textwrap.dedent("""
 """)
 
 
+# A worker "on another machine" gets a host name of its own: a UTS namespace of its own
+# where this user may make one (root), else durable.py's view of the name is patched.
+UNSHARE = shutil.which("unshare") if os.geteuid() == 0 else None
+
+
 class Workers:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, db: Any) -> None:
         self.script = tmp_path / "worker.py"
         self.script.write_text(WORKER)
-        self.db = tmp_path / "shared.db"
+        self.db = db
         self.marks = tmp_path / "marks.txt"
         self.folder = tmp_path
         self.procs: list[subprocess.Popen[str]] = []
 
     def start(self, role: str, **env: str) -> subprocess.Popen[str]:
+        command = [sys.executable, str(self.script), str(self.db), str(self.marks), role]
+        if "MACHINE" in env and UNSHARE:
+            command = [UNSHARE, "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                       env.pop("MACHINE"), *command]
         proc = subprocess.Popen(
-            [sys.executable, str(self.script), str(self.db), str(self.marks), role],
-            env={**os.environ, "PYTHONPATH": str(HERE), **env},
+            command, env={**os.environ, "PYTHONPATH": str(HERE), **env},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.procs.append(proc)
@@ -127,8 +135,9 @@ class Workers:
                 proc.communicate()
 
 
-def test_three_processes_racing_run_on_the_same_ids_run_each_step_once(tmp_path: Path) -> None:
-    workers = Workers(tmp_path)
+def test_three_processes_racing_run_on_the_same_ids_run_each_step_once(
+        tmp_path: Path, db: Any) -> None:
+    workers = Workers(tmp_path, db)
     try:
         procs = [workers.start("race", COUNT="100") for _ in range(3)]
         time.sleep(1.0)  # all three are open and waiting
@@ -145,12 +154,19 @@ def test_three_processes_racing_run_on_the_same_ids_run_each_step_once(tmp_path:
     assert len(counts) == 300 and set(counts.values()) == {1}
 
 
-def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(tmp_path: Path) -> None:
-    workers = Workers(tmp_path)
+@pytest.mark.parametrize("machines", ["one machine", "two machines"])
+def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(
+        tmp_path: Path, db: Any, machines: str) -> None:
+    # On one machine the survivor sees the holder die, and takes over at once; on two,
+    # it cannot see the holder, and takes over when the holder's lease runs out.
+    apart = {"LEASE": "1.5"} if machines == "two machines" else {}
+    workers = Workers(tmp_path, db)
     try:
-        holder = workers.start("start", HANG_TWO="60")
+        holder = workers.start("start", HANG_TWO="60", **apart,
+                               **({"MACHINE": "machine-a"} if apart else {}))
         workers.wait_for_mark(("wf", "two"), holder)
-        survivor = workers.start("standby")
+        survivor = workers.start("standby", **apart,
+                                 **({"MACHINE": "machine-b"} if apart else {}))
         workers.wait_for_file(tmp_path / "marks.txt.ready", survivor)
         time.sleep(0.5)  # a look or two more
         assert len(workers.ran()) == 2  # the survivor leaves a live owner's work alone
@@ -167,8 +183,8 @@ def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(tmp_path: Path)
 
 
 def test_paused_process_elsewhere_is_taken_over_after_its_lease_and_then_fenced(
-        tmp_path: Path) -> None:
-    workers = Workers(tmp_path)
+        tmp_path: Path, db: Any, rows: Any) -> None:
+    workers = Workers(tmp_path, db)
     try:
         # On two machines: the survivor cannot see whether the holder lives, only its lease.
         holder = workers.start("start", LEASE="1.5", HANG_TWO="3", MACHINE="machine-a")
@@ -185,8 +201,7 @@ def test_paused_process_elsewhere_is_taken_over_after_its_lease_and_then_fenced(
     # The paused process reads the survivor's outcome; it recorded nothing itself.
     assert late["result"] == outcome["result"]
     assert "is no longer held by this process" in err
-    with sqlite3.connect(workers.db) as conn:
-        steps = conn.execute("SELECT seq, state, result FROM steps ORDER BY seq").fetchall()
+    steps = rows(db, "SELECT seq, state, result FROM steps ORDER BY seq")
     # Exactly one result for step two: the survivor's, not the late one.
     assert steps == [(1, "done", str(holder.pid)), (2, "done", str(survivor.pid)),
                      (3, "done", str(survivor.pid))]
@@ -194,8 +209,8 @@ def test_paused_process_elsewhere_is_taken_over_after_its_lease_and_then_fenced(
 
 
 def test_a_live_process_on_this_machine_is_never_taken_over_when_the_clock_jumps_past_its_lease(
-        tmp_path: Path) -> None:
-    workers = Workers(tmp_path)
+        tmp_path: Path, db: Any) -> None:
+    workers = Workers(tmp_path, db)
     try:
         holder = workers.start("start", LEASE="1.5", HANG_TWO="2")
         workers.wait_for_mark(("wf", "two"), holder)
@@ -217,16 +232,15 @@ def test_a_live_process_on_this_machine_is_never_taken_over_when_the_clock_jumps
 
 
 def test_a_process_whose_clock_jumps_renews_its_lease_by_the_time_that_really_passed(
-        tmp_path: Path) -> None:
-    workers = Workers(tmp_path)
+        tmp_path: Path, db: Any, rows: Any) -> None:
+    workers = Workers(tmp_path, db)
     try:
         holder = workers.start("start", LEASE="1.5", HANG_TWO="60", CLOCK_AHEAD="3600",
                                CLOCK_FROM=str(tmp_path / "jump"))
         workers.wait_for_mark(("wf", "two"), holder)
         (tmp_path / "jump").touch()  # its clock is an hour ahead from now on
         time.sleep(1.5)  # three renewals
-        with sqlite3.connect(workers.db) as conn:
-            (expires,), = conn.execute("SELECT expires_at FROM owners").fetchall()
+        (expires,), = rows(db, "SELECT expires_at FROM owners")
     finally:
         workers.kill_all()
     # Renewed for the lease from now, not for an hour more than that.
@@ -241,8 +255,8 @@ def uvicorn_class(service_class: Any) -> Any:
     """The Service class, run as `uvicorn app:app --workers N` instead of `python app.py`."""
 
     class Uvicorn(service_class):
-        def __init__(self, folder: Path, workers: int) -> None:
-            super().__init__(folder)
+        def __init__(self, folder: Path, journal: Any, workers: int) -> None:
+            super().__init__(folder, journal)
             self.workers = workers
 
         def command(self) -> list[str]:
@@ -265,8 +279,8 @@ def storm(urls: list[str], body: dict[str, Any], count: int) -> list[httpx.Respo
 
 
 def test_uvicorn_with_two_workers_on_one_journal_makes_one_workflow_and_one_charge(
-        tmp_path: Path, uvicorn_class: Any, order: Any) -> None:
-    service = uvicorn_class(tmp_path, workers=2)
+        tmp_path: Path, db: Any, uvicorn_class: Any, order: Any) -> None:
+    service = uvicorn_class(tmp_path, db, workers=2)
     try:
         service.start()
         responses = storm([service.url], order, 64)
@@ -285,8 +299,9 @@ def test_uvicorn_with_two_workers_on_one_journal_makes_one_workflow_and_one_char
 
 
 def test_two_services_sharing_one_journal_make_one_workflow_and_one_charge(
-        tmp_path: Path, service_class: Any, order: Any) -> None:
-    one, two = service_class(tmp_path), service_class(tmp_path)
+        tmp_path: Path, db: Any, service_class: Any, order: Any) -> None:
+    # On PostgreSQL: as on two machines, sharing the database's journal and ledger.
+    one, two = service_class(tmp_path, db), service_class(tmp_path, db)
     try:
         one.start()
         two.start()
@@ -303,8 +318,8 @@ def test_two_services_sharing_one_journal_make_one_workflow_and_one_charge(
 
 
 def test_cli_show_says_who_holds_a_stuck_workflow_and_whether_it_is_alive(
-        tmp_path: Path) -> None:
-    workers = Workers(tmp_path)
+        tmp_path: Path, db: Any) -> None:
+    workers = Workers(tmp_path, db)
 
     def show() -> str:
         done = subprocess.run([sys.executable, str(HERE / "durable.py"), str(workers.db),
@@ -353,10 +368,10 @@ CLOSER = textwrap.dedent("""
 
 
 def test_a_workflow_kept_by_a_closed_durable_of_a_live_process_is_taken_over_after_its_lease(
-        tmp_path: Path) -> None:
+        tmp_path: Path, db: Any) -> None:
     # A live process on this machine is not taken over; one that closed its Durable
     # while a step thread ran on has said it is done with it: its lease decides.
-    script, db = tmp_path / "closer.py", tmp_path / "shared.db"
+    script = tmp_path / "closer.py"
     script.write_text(CLOSER)
     holder = subprocess.Popen([sys.executable, str(script), str(db)], text=True,
                               stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(HERE)})

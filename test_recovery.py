@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -48,7 +47,7 @@ def test_owner_liveness_uses_pid_and_process_start_time() -> None:
     assert not durable._owner_is_dead(f"elsewhere|{child.pid}|x|n", host)
 
 
-def _recovery_fixture(db: Path, owner: str | None,
+def _recovery_fixture(db: Path, rows: Any, owner: str | None,
                       lease_left: float | None = 60) -> tuple[Durable, Any, list[str]]:
     """A journal with workflow 'rec' stopped after step 1, held by `owner`, whose lease
     has `lease_left` seconds to run (None: the owner has no lease row at all)."""
@@ -72,13 +71,12 @@ def _recovery_fixture(db: Path, owner: str | None,
             await (await dur.run("rec", wf)).result()
 
     asyncio.run(start())
-    with sqlite3.connect(db) as conn:
-        conn.execute("DELETE FROM steps WHERE seq = 2")
-        conn.execute("UPDATE workflows SET state = 'running', result = NULL, finished_at = NULL,"
-                     " owner = ?", (owner,))
-        if owner is not None and lease_left is not None:
-            conn.execute("INSERT INTO owners (id, expires_at) VALUES (?, ?)",
-                         (owner, time.time() + lease_left))
+    rows(db, "DELETE FROM steps WHERE seq = 2")
+    rows(db, "UPDATE workflows SET state = 'running', result = NULL, finished_at = NULL, "
+             "owner = ?", (owner,))
+    if owner is not None and lease_left is not None:
+        rows(db, "INSERT INTO owners (id, expires_at) VALUES (?, ?)",
+             (owner, time.time() + lease_left))
     ran.clear()
     dur, wf = build()
     return dur, wf, ran
@@ -93,23 +91,23 @@ def _resumes(dur: Durable) -> bool:
     return bool(asyncio.run(main()))
 
 
-def test_open_resumes_unfinished_workflows_of_a_dead_owner_at_once(db: Path) -> None:
+def test_open_resumes_unfinished_workflows_of_a_dead_owner_at_once(db: Path, rows: Any) -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     owner = f"{socket.gethostname()}|{child.pid}|{durable._process_start(os.getpid())}|x"
-    dur, _, ran = _recovery_fixture(db, owner)
+    dur, _, ran = _recovery_fixture(db, rows, owner)
     assert _resumes(dur)
     assert ran == ["two"]  # step one was replayed from the journal
 
 
-def test_open_resumes_a_workflow_whose_owner_pid_was_reused(db: Path) -> None:
-    dur, _, ran = _recovery_fixture(db, f"{socket.gethostname()}|{os.getpid()}|0:1|x")
+def test_open_resumes_a_workflow_whose_owner_pid_was_reused(db: Path, rows: Any) -> None:
+    dur, _, ran = _recovery_fixture(db, rows, f"{socket.gethostname()}|{os.getpid()}|0:1|x")
     assert _resumes(dur)
     assert ran == ["two"]
 
 
-def test_open_resumes_workflows_that_no_process_holds(db: Path) -> None:
-    dur, _, ran = _recovery_fixture(db, None)
+def test_open_resumes_workflows_that_no_process_holds(db: Path, rows: Any) -> None:
+    dur, _, ran = _recovery_fixture(db, rows, None)
     assert _resumes(dur)
     assert ran == ["two"]
 
@@ -118,7 +116,7 @@ def test_open_leaves_workflows_of_a_live_owner_alone(db: Path, rows: Any) -> Non
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         owner = f"{socket.gethostname()}|{live.pid}|{durable._process_start(live.pid)}|x"
-        dur, _, ran = _recovery_fixture(db, owner)
+        dur, _, ran = _recovery_fixture(db, rows, owner)
         assert not _resumes(dur)
         assert ran == []
         assert rows(db, "SELECT owner FROM workflows") == [(owner,)]
@@ -128,16 +126,16 @@ def test_open_leaves_workflows_of_a_live_owner_alone(db: Path, rows: Any) -> Non
 
 
 @pytest.mark.parametrize("lease_left", [-1, None])
-def test_open_takes_over_a_live_owner_whose_lease_ran_out(db: Path,
+def test_open_takes_over_a_live_owner_whose_lease_ran_out(db: Path, rows: Any,
                                                           lease_left: float | None) -> None:
     # A process on another machine (or paused here) that stopped renewing its lease.
-    dur, _, ran = _recovery_fixture(db, "elsewhere|4242|1:1|x", lease_left)
+    dur, _, ran = _recovery_fixture(db, rows, "elsewhere|4242|1:1|x", lease_left)
     assert _resumes(dur)
     assert ran == ["two"]
 
 
-def test_open_leaves_a_live_lease_of_another_machine_alone(db: Path) -> None:
-    dur, _, ran = _recovery_fixture(db, "elsewhere|4242|1:1|x", 60)
+def test_open_leaves_a_live_lease_of_another_machine_alone(db: Path, rows: Any) -> None:
+    dur, _, ran = _recovery_fixture(db, rows, "elsewhere|4242|1:1|x", 60)
     assert not _resumes(dur)
     assert ran == []
 

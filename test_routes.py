@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -370,7 +369,8 @@ def test_cancel_while_a_step_runs_records_nothing_after_it(
 
 
 def test_a_journal_that_cannot_be_written_stops_the_workflow_unfinished(
-        route: Any, db: Path, rows: Any, caplog: pytest.LogCaptureFixture) -> None:
+        route: Any, db: Path, rows: Any, write_lock: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
     # Another connection holds the write lock past busy_timeout while a step returns:
     # its checkpoint fails, so nothing after it runs or is recorded; once the lock is
     # gone the workflow resumes from its journal.
@@ -403,28 +403,23 @@ def test_a_journal_that_cannot_be_written_stops_the_workflow_unfinished(
         async with route.open(db, wf, busy_timeout=0.05) as dur:
             handle = await dur.run("w", "wf")
             await until(inside.is_set, "the charge to start")
-            blocker = sqlite3.connect(db, isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")  # as another process would hold it
-            try:
+            with write_lock(db) as says:  # as another process would hold it
                 let_go.set()
                 await until(returned.is_set, "the charge to return")
                 await until(lambda: "could not write its journal" in caplog.text,
                             "the failed checkpoint")
                 await asyncio.sleep(0.2)  # and nothing else happens meanwhile
                 locked = (steps_of(rows, db), outcome_of(rows, db), dict(ran),
-                          await handle.done())
-            finally:
-                blocker.execute("ROLLBACK")
-                blocker.close()
+                          await handle.done(), says)
             return locked, await handle.result(timeout=10)
 
     with caplog.at_level(logging.WARNING, logger="durable"):
-        (steps, outcome, ran_then, done), result = asyncio.run(main())
+        (steps, outcome, ran_then, done, says), result = asyncio.run(main())
     route.check()
     assert steps == [(1, "reserve", "done", 1, '"widget"'), (2, "charge", "running", 1, None)]
     assert outcome == ("running", None, None) and not done
     assert ran_then == {"reserve": 1, "charge": 1}  # confirm never began
-    assert "database is locked" in caplog.text
+    assert says in caplog.text
     assert result == ["widget", "ch_100", "sent"]
     assert ran == {"reserve": 1, "charge": 2, "confirm": 1}  # charge's result was lost
     assert [row[:4] for row in steps_of(rows, db)] == [

@@ -96,18 +96,16 @@ def test_close_at_any_moment_between_quick_steps_runs_no_returned_step_again(
                     yield ctx.run(step, ctx.id, n)
         return dur
 
-    ids = ["w", "w2"] if form.endswith("two-at-once") else ["w"]
-
     async def main() -> None:
-        for i in range(8):
-            path = db.with_name(f"life-{i}.db")
+        for i in range(8):  # new workflows each round, in the same journal
+            ids = [f"w-{i}", f"w2-{i}"] if form.endswith("two-at-once") else [f"w-{i}"]
             life[0] = 1
-            async with build(path) as dur:
+            async with build(db) as dur:
                 for wf_id in ids:
                     await dur.run(wf_id, "wf")
                 await asyncio.sleep(rng.uniform(0.01, 0.05))
             life[0] = 2
-            async with build(path) as dur:
+            async with build(db) as dur:
                 for wf_id in ids:
                     await (await dur.get(wf_id)).result(timeout=30)
             assert [key for key, lives in returned.items() if lives != [lives[0]]] == [], i
