@@ -8,6 +8,7 @@ derived from the order id.
     python app.py                    # 127.0.0.1:8000 (HOST, PORT), journal orders.db (DURABLE_DB)
     DURABLE_DB=postgresql://... python app.py   # journal and fake providers in PostgreSQL
     MAX_RUNNING=32 python app.py     # orders processed at once (default 8; the rest wait)
+    DURABLE_LEASE=10 python app.py   # seconds before another machine takes orders over (30)
     FLAKY=reserve python app.py      # reserve fails once per order, then succeeds on retry
     CRASH_AT=charge python app.py    # dies inside charge, after charging, before the checkpoint
 """
@@ -57,6 +58,9 @@ CRASH_AT = os.environ.get("CRASH_AT", "")
 # Orders processed at once; the others wait their turn in the journal, already
 # accepted. Kept low so that a burst of orders does not crowd out the endpoint itself.
 MAX_RUNNING = int(os.environ.get("MAX_RUNNING", "8"))
+# Seconds a service holds its orders without renewing; another machine takes them over
+# when it runs out (on this machine, a dead service's orders are taken at once).
+LEASE = float(os.environ.get("DURABLE_LEASE", "30"))
 # Test-only: the payment provider ignores idempotency keys, to show what they prevent.
 PAYMENT_KEYS = os.environ.get("PAYMENT_KEYS", "on") != "off"
 
@@ -333,7 +337,7 @@ def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> boo
 
 # THE WORKFLOW.
 
-dur = Durable(DURABLE_DB, max_running=MAX_RUNNING)
+dur = Durable(DURABLE_DB, max_running=MAX_RUNNING, lease=LEASE)
 
 
 # A step that fails for good for any other reason (out of attempts because its process

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,52 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("db", stores, indirect=True)
 
 
+def _postgres_reason() -> str | None:
+    """Why the test server cannot be reached (None: it can), asked once."""
+    if not _postgres_down:
+        import psycopg
+        try:
+            psycopg.connect(POSTGRES, autocommit=True, connect_timeout=3).close()
+            _postgres_down.append("")
+        except psycopg.Error as exc:
+            _postgres_down.append(str(exc).strip().splitlines()[0])
+    return (f"no PostgreSQL server at {POSTGRES} ({_postgres_down[0]}): start one "
+            "(make postgres) or set DURABLE_TEST_POSTGRES to run the [postgres] tests"
+            ) if _postgres_down[0] else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Without a server, the [postgres] tests are left out with one line (below); under
+    # CI=true they stay, and fail.
+    on_postgres = [item for item in items if _store_of(item.nodeid) == "postgres"]
+    if not on_postgres or os.environ.get("CI") == "true" or _postgres_reason() is None:
+        return
+    config.hook.pytest_deselected(items=on_postgres)
+    items[:] = [item for item in items if item not in set(on_postgres)]
+    config.stash[_LEFT_OUT] = len(on_postgres)
+
+
+_LEFT_OUT = pytest.StashKey[int]()
+
+
+def _store_of(nodeid: str) -> str | None:
+    """The store a test ran on, from its id ("...[alone-postgres]"), if it took `db`."""
+    ids = nodeid.rpartition("[")[2].rstrip("]").split("-") if nodeid.endswith("]") else []
+    return next((store for store in STORES if store in ids), None)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    passed = Counter(_store_of(report.nodeid) for report in terminalreporter.stats.get(
+        "passed", []) if report.when == "call")
+    if passed:
+        terminalreporter.write_line(
+            "passed per store: " + ", ".join(f"{store} {passed[store]}" for store in STORES)
+            + f", neither (no journal of their own) {passed[None]}")
+    if config.stash.get(_LEFT_OUT, 0):
+        terminalreporter.write_line(
+            f"{config.stash[_LEFT_OUT]} [postgres] tests not run: {_postgres_reason()}")
+
+
 def postgres_url(schema: str, base: str = POSTGRES) -> str:
     """`base` with its tables in `schema` (durable.py creates the schema)."""
     return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
@@ -74,13 +122,12 @@ def postgres_admin() -> Any:
     """A connection to the test server (autocommit), or a skip (a failure under CI)
     saying how to run the PostgreSQL tests."""
     import psycopg
-    if not _postgres_down:
+    why = _postgres_reason()
+    if why is None:
         try:
             return psycopg.connect(POSTGRES, autocommit=True, connect_timeout=3)
-        except psycopg.Error as exc:
-            _postgres_down.append(str(exc).strip().splitlines()[0])
-    why = (f"no PostgreSQL server at {POSTGRES} ({_postgres_down[0]}): start one "
-           "(make postgres) or set DURABLE_TEST_POSTGRES to run the [postgres] tests")
+        except psycopg.Error as exc:  # gone since
+            why = str(exc)
     if os.environ.get("CI") == "true":
         pytest.fail(why)
     pytest.skip(why)
@@ -225,6 +272,28 @@ def order() -> dict[str, Any]:
     return copy.deepcopy(_ORDER)
 
 
+# A process "on another machine" gets a host name of its own, in a UTS namespace of its
+# own (root only).
+UNSHARE = shutil.which("unshare") if os.geteuid() == 0 else None
+
+
+def on_machine(machine: str | None, command: list[str]) -> list[str] | None:
+    """`command` run under host name `machine` (None: this machine's), or None where
+    no namespace can be made."""
+    if machine is None:
+        return command
+    if UNSHARE is None:
+        return None
+    return [UNSHARE, "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', machine, *command]
+
+
+@pytest.fixture(scope="session")
+def machine() -> Callable[[str | None, list[str]], list[str] | None]:
+    """machine(name, command): the command as run on a machine of that name, or None
+    where that cannot be done here."""
+    return on_machine
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -234,13 +303,19 @@ def _free_port() -> int:
 class Service:
     """`python app.py` on a free loopback port, with its files in one folder."""
 
-    def __init__(self, folder: Path, journal: Any = None) -> None:
+    def __init__(self, folder: Path, journal: Any = None, machine: str | None = None) -> None:
         self.folder = folder
         self.journal = str(journal or "orders.db")  # a file in `folder`, or a URL
+        self.machine = machine  # a host name of its own: as if on another machine
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs: list[Path] = []
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def where(self) -> Any:
+        """Its journal, to read or to give the command line: a path or a URL."""
+        return self.journal if is_postgres(self.journal) else self.folder / self.journal
 
     def command(self) -> list[str]:
         return [sys.executable, str(HERE / "app.py")]
@@ -250,9 +325,12 @@ class Service:
         on a resumed workflow) ends the wait too."""
         log = self.folder / f"server-{self.port}-{len(self.logs)}.log"
         self.logs.append(log)
+        command = on_machine(self.machine, self.command())
+        if command is None:
+            pytest.skip("a service on a machine of its own needs root and unshare(1)")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                self.command(), cwd=self.folder, stdout=out,
+                command, cwd=self.folder, stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
                      "DURABLE_DB": self.journal, **env},
@@ -318,9 +396,10 @@ def service_class() -> type[Service]:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    """A Service in the test's folder, not started yet; stopped after the test."""
-    svc = Service(tmp_path)
+def service(tmp_path: Path, db: Any) -> Iterator[Service]:
+    """A Service in the test's folder, not started yet; stopped after the test. Its
+    journal is `db`'s store: orders.db in the folder, or the PostgreSQL schema."""
+    svc = Service(tmp_path, db if is_postgres(db) else None)
     try:
         yield svc
     finally:

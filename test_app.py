@@ -6,7 +6,6 @@ import asyncio
 import copy
 import json
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -155,7 +154,7 @@ def malformed(order: dict[str, Any]) -> list[tuple[Any, str]]:
 
 
 def test_malformed_bodies_are_400_naming_the_problem_and_write_nothing(
-        service: Any, order: Any) -> None:
+        service: Any, order: Any, rows: Any) -> None:
     service.start()
     for body, expected in malformed(order):
         response = service.post(body)
@@ -164,12 +163,11 @@ def test_malformed_bodies_are_400_naming_the_problem_and_write_nothing(
     # Nothing was written: the only id used above is still unknown, and nothing ran.
     assert service.status("ord_1001").status_code == 404
     assert service.charges() == []
-    with sqlite3.connect(service.folder / "orders.db") as conn:
-        assert conn.execute("SELECT count(*) FROM workflows").fetchone() == (0,)
+    assert rows(service.where, "SELECT count(*) FROM workflows") == [(0,)]
 
 
 def test_a_client_gone_before_its_body_arrived_leaves_no_order_and_no_traceback(
-        service: Any, order: Any) -> None:
+        service: Any, order: Any, rows: Any) -> None:
     service.start()
     head = (b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n")
@@ -182,8 +180,7 @@ def test_a_client_gone_before_its_body_arrived_leaves_no_order_and_no_traceback(
     assert service.post(order).status_code == 202  # still serving
     log = service.log()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
-    with sqlite3.connect(service.folder / "orders.db") as db:
-        assert db.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
+    assert rows(service.where, "SELECT count(*) FROM workflows") == [(1,)]
 
 
 def test_declined_card_releases_the_reserved_stock_and_fails_the_order(
@@ -312,9 +309,9 @@ def test_an_id_used_again_after_prune_does_not_take_over_the_old_orders_charge(
     service.start()
     service.post(order)
     old = service.finished("ord_1001")["result"]["chargeId"]
-    pruned = subprocess.run([sys.executable, str(HERE / "durable.py"), "orders.db", "prune",
-                             "0s"], cwd=service.folder, capture_output=True, text=True,
-                            timeout=60)
+    pruned = subprocess.run([sys.executable, str(HERE / "durable.py"), str(service.where),
+                             "prune", "0s"], cwd=service.folder, capture_output=True,
+                            text=True, timeout=60)
     assert pruned.returncode == 0 and "pruned 1" in pruned.stdout, pruned
     # The same id for another order: the providers still know its keys.
     other = changed(order, items=[{"sku": "widget-pro", "qty": 1, "price": 100}])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -63,9 +64,10 @@ class Torture:
                 f"{len(self.double_emailed)} duplicate emails (seed {self.seed})")
 
 
-def feed(service: Any, order: dict[str, Any], seed: int, stop: threading.Event,
+def feed(services: list[Any], order: dict[str, Any], seed: int, stop: threading.Event,
          accepted: list[str], pause: float) -> None:
-    """POST new orders until stopped; keep the ids that got a 202."""
+    """POST new orders, to each service in turn, until stopped; keep the ids that got
+    a 202."""
     n = 0
     with httpx.Client(timeout=5) as client:
         while not stop.is_set():
@@ -73,8 +75,9 @@ def feed(service: Any, order: dict[str, Any], seed: int, stop: threading.Event,
             order_id = f"ord_{seed}_{n}"
             body = {**order, "id": order_id,
                     "items": [{"sku": "widget-pro", "qty": 1 + n % 3, "price": 1999}]}
+            url = services[n % len(services)].url
             try:
-                response = client.post(f"{service.url}/orders", content=json.dumps(body))
+                response = client.post(f"{url}/orders", content=json.dumps(body))
                 if response.status_code == 202:
                     accepted.append(order_id)
                 else:
@@ -84,40 +87,46 @@ def feed(service: Any, order: dict[str, Any], seed: int, stop: threading.Event,
             time.sleep(pause)
 
 
-def torture(service: Any, order: dict[str, Any], seed: int, kills: int,
-            pause: float = 0.002) -> Torture:
-    """Run the order service (`service`, not started) under a stream of orders,
-    SIGKILL it `kills` times at seeded random moments, restart it, and count what
-    became of each 202."""
+def torture(services: list[Any], order: dict[str, Any], seed: int, kills: int,
+            rows: Any, pause: float = 0.002) -> Torture:
+    """Run the order services (not started; sharing one journal) under a stream of
+    orders, SIGKILL one of them `kills` times at seeded random moments, restart it,
+    and count what became of each 202."""
     rng = random.Random(seed)
     report = Torture(seed)
-    folder = service.folder
+    first = services[0]
+    if first.journal.startswith("postgresql://"):  # one database holds both
+        journal = providers = first.journal
+    else:
+        journal, providers = first.folder / "orders.db", first.folder / "orders-providers.db"
     stop = threading.Event()
-    feeder = threading.Thread(target=feed, args=(service, order, seed, stop, report.accepted,
-                                                 pause))
+    feeder = threading.Thread(target=feed, args=(services, order, seed, stop,
+                                                 report.accepted, pause))
     try:
-        service.start()
+        for service in services:
+            service.start()
         feeder.start()
         for _ in range(kills):
             time.sleep(rng.uniform(0.2, 1.0))
-            assert service.proc is not None
-            service.proc.send_signal(signal.SIGKILL)
-            service.proc.wait()
+            victim = rng.choice(services)
+            assert victim.proc is not None
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait()
             report.kills += 1
-            service.start()
+            victim.start()
         time.sleep(rng.uniform(0.2, 0.5))
         stop.set()
         feeder.join()
-        settle(folder / "orders.db", report.accepted)
+        settle(rows, journal, report.accepted)
     finally:
         stop.set()
         if feeder.is_alive():
             feeder.join()
-        service.stop()
-    journal, providers = folder / "orders.db", folder / "orders-providers.db"
-    done = {row[0] for row in query(journal, "SELECT id FROM workflows WHERE state = 'done'")}
-    charges = Counter(row[0] for row in query(providers, "SELECT order_id FROM charges"))
-    emails = Counter(row[0] for row in query(providers, "SELECT order_id FROM outbox"))
+        for service in services:
+            service.stop()
+    done = {row[0] for row in rows(journal, "SELECT id FROM workflows WHERE state = 'done'")}
+    charges = Counter(row[0] for row in rows(providers, "SELECT order_id FROM charges"))
+    emails = Counter(row[0] for row in rows(providers, "SELECT order_id FROM outbox"))
     for order_id in report.accepted:
         if order_id not in done or charges[order_id] == 0 or emails[order_id] == 0:
             report.lost.append(order_id)
@@ -126,36 +135,53 @@ def torture(service: Any, order: dict[str, Any], seed: int, kills: int,
     return report
 
 
-def query(db: Path, sql: str) -> list[Any]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
-def settle(journal: Path, accepted: list[str], timeout: float = 60) -> None:
-    """Wait until no accepted order is unfinished (the service is running)."""
+def settle(rows: Any, journal: Any, accepted: list[str], timeout: float = 60) -> None:
+    """Wait until no accepted order is unfinished (the services are running)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not count(journal, "SELECT count(*) FROM workflows WHERE state IN "
-                              "('pending', 'running')"):
+        if not rows(journal, "SELECT count(*) FROM workflows WHERE state IN "
+                             "('pending', 'running')")[0][0]:
             return
         time.sleep(0.1)
 
 
-def test_sigkill_loop_loses_no_accepted_order_and_charges_each_once(
-        service: Any, order: Any) -> None:
-    # `python test_faults.py --kills N` runs this test alone with more kills.
+def _torture_settings() -> tuple[int, int, float]:
     seed = int(os.environ.get("TORTURE_SEED", random.randrange(1_000_000)))
-    kills = int(os.environ.get("TORTURE_KILLS", "5"))
-    pause = float(os.environ.get("TORTURE_PAUSE", "0.002"))
     print(f"fault loop seed {seed} (replay: TORTURE_SEED={seed})")
-    report = torture(service, order, seed, kills, pause)
+    return (seed, int(os.environ.get("TORTURE_KILLS", "5")),
+            float(os.environ.get("TORTURE_PAUSE", "0.002")))
+
+
+def _check(report: Torture, kills: int) -> None:
     print(report.line())
     assert report.kills == kills and report.accepted
     assert (report.lost, report.double_charged, report.double_emailed) == ([], [], []), \
         report.line()
+
+
+def test_sigkill_loop_loses_no_accepted_order_and_charges_each_once(
+        service: Any, order: Any, rows: Any) -> None:
+    # `python test_faults.py --kills N` runs this test alone with more kills.
+    seed, kills, pause = _torture_settings()
+    _check(torture([service], order, seed, kills, rows, pause), kills)
+
+
+@pytest.mark.postgres_only
+def test_sigkill_loop_on_two_machines_sharing_postgres_loses_nothing_and_charges_once(
+        db: str, tmp_path: Path, service_class: Any, order: Any, rows: Any) -> None:
+    # Two services on two machines, one database: the journal and the ledger. A killed
+    # one's orders are taken over by the other when its lease (2 s) runs out, or by
+    # itself at once when it comes back first. `python test_faults.py --postgres`.
+    seed, kills, pause = _torture_settings()
+    services = []
+    for name in ("machine-a", "machine-b"):
+        service = service_class(tmp_path / name, db, name)
+        service.folder.mkdir()
+        services.append(service)
+    env = {"DURABLE_LEASE": "2"}
+    for service in services:
+        service.start = functools.partial(service.start, **env)
+    _check(torture(services, order, seed, kills, rows, pause), kills)
 
 
 # Kill points in the library: at every step boundary and inside every step.
@@ -668,17 +694,22 @@ def test_full_journal_refuses_new_work_keeps_accepted_work_and_recovers(
 
 
 def main() -> None:
-    """`python test_faults.py --kills N` (make torture): pytest runs the SIGKILL loop's
-    test alone (it needs conftest.py's fixtures), killing N times."""
+    """`python test_faults.py --kills N [--postgres]` (make torture): pytest runs the
+    SIGKILL loop's test alone (it needs conftest.py's fixtures), killing N times: one
+    service on SQLite, or two "machines" sharing PostgreSQL."""
     parser = argparse.ArgumentParser(description="The order service under SIGKILL.")
     parser.add_argument("--kills", type=int, default=40)
+    parser.add_argument("--postgres", action="store_true",
+                        help="two services on two machines sharing DURABLE_TEST_POSTGRES")
     parser.add_argument("--seed", type=int, default=random.randrange(1_000_000))
     parser.add_argument("--pause", type=float, default=0.002,
                         help="seconds between orders from the feeder")
     args = parser.parse_args()
     env = {**os.environ, "TORTURE_KILLS": str(args.kills), "TORTURE_SEED": str(args.seed),
            "TORTURE_PAUSE": str(args.pause)}
-    test = test_sigkill_loop_loses_no_accepted_order_and_charges_each_once.__name__
+    test = (test_sigkill_loop_on_two_machines_sharing_postgres_loses_nothing_and_charges_once
+            if args.postgres else test_sigkill_loop_loses_no_accepted_order_and_charges_each_once
+            ).__name__
     sys.exit(subprocess.run([sys.executable, "-m", "pytest", f"{Path(__file__).resolve()}::{test}",
                              "-q", "-s", "--timeout=0", "-p", "no:cacheprovider"],
                             env=env, cwd=HERE).returncode)

@@ -415,7 +415,7 @@ def test_cli_reads_and_prunes_while_the_order_service_takes_orders(
 
 
 def check_cli_alongside(service: Any, order: dict[str, Any], rows: Any) -> None:
-    db = service.folder / "orders.db"
+    db = service.where
     stop = threading.Event()
     accepted: list[int] = []
 

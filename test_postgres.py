@@ -308,3 +308,23 @@ def test_a_commit_whose_answer_is_lost_is_resolved_by_asking_the_server(
     assert "the server says it committed" in caplog.text
     assert ran == ["once"]
     assert rows(db, "SELECT state FROM workflows") == [("done",)]
+
+
+def test_the_command_line_on_a_url_refuses_a_database_without_a_journal_and_creates_nothing(
+        db: str, rows: Any) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(HERE / "durable.py"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    schema = db.rsplit("%3D", 1)[1]
+    empty = cli(db, "list")
+    assert (empty.returncode, empty.stdout) == (1, "")
+    assert "is not a durable.py journal (it holds no journal yet)" in empty.stderr
+    assert rows(db, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ?",
+                (schema,)) == [(0,)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = cli(f"postgresql://app:pw@127.0.0.1:{port}/orders", "list")
+    assert down.returncode == 1 and "server cannot be reached" in down.stderr
+    assert "Traceback" not in down.stderr and ":pw@" not in down.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,13 +74,13 @@ WORKER = textwrap.dedent("""
 """)
 
 
-# A worker "on another machine" gets a host name of its own: a UTS namespace of its own
-# where this user may make one (root), else durable.py's view of the name is patched.
-UNSHARE = shutil.which("unshare") if os.geteuid() == 0 else None
-
-
 class Workers:
-    def __init__(self, tmp_path: Path, db: Any) -> None:
+    """Worker processes on one journal. One given MACHINE runs as if on a machine of
+    that name: in a UTS namespace of its own where one can be made (conftest's
+    `machine`), else with durable.py's view of the host name patched."""
+
+    def __init__(self, tmp_path: Path, db: Any, machine: Any) -> None:
+        self.machine = machine
         self.script = tmp_path / "worker.py"
         self.script.write_text(WORKER)
         self.db = db
@@ -91,9 +90,10 @@ class Workers:
 
     def start(self, role: str, **env: str) -> subprocess.Popen[str]:
         command = [sys.executable, str(self.script), str(self.db), str(self.marks), role]
-        if "MACHINE" in env and UNSHARE:
-            command = [UNSHARE, "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
-                       env.pop("MACHINE"), *command]
+        apart = self.machine(env.get("MACHINE"), command)
+        if apart is not None:
+            command = apart
+            env.pop("MACHINE", None)
         proc = subprocess.Popen(
             command, env={**os.environ, "PYTHONPATH": str(HERE), **env},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -136,8 +136,8 @@ class Workers:
 
 
 def test_three_processes_racing_run_on_the_same_ids_run_each_step_once(
-        tmp_path: Path, db: Any) -> None:
-    workers = Workers(tmp_path, db)
+        tmp_path: Path, db: Any, machine: Any) -> None:
+    workers = Workers(tmp_path, db, machine)
     try:
         procs = [workers.start("race", COUNT="100") for _ in range(3)]
         time.sleep(1.0)  # all three are open and waiting
@@ -156,11 +156,11 @@ def test_three_processes_racing_run_on_the_same_ids_run_each_step_once(
 
 @pytest.mark.parametrize("machines", ["one machine", "two machines"])
 def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(
-        tmp_path: Path, db: Any, machines: str) -> None:
+        tmp_path: Path, db: Any, machines: str, machine: Any) -> None:
     # On one machine the survivor sees the holder die, and takes over at once; on two,
     # it cannot see the holder, and takes over when the holder's lease runs out.
     apart = {"LEASE": "1.5"} if machines == "two machines" else {}
-    workers = Workers(tmp_path, db)
+    workers = Workers(tmp_path, db, machine)
     try:
         holder = workers.start("start", HANG_TWO="60", **apart,
                                **({"MACHINE": "machine-a"} if apart else {}))
@@ -183,8 +183,8 @@ def test_process_killed_mid_workflow_is_taken_over_by_a_survivor(
 
 
 def test_paused_process_elsewhere_is_taken_over_after_its_lease_and_then_fenced(
-        tmp_path: Path, db: Any, rows: Any) -> None:
-    workers = Workers(tmp_path, db)
+        tmp_path: Path, db: Any, rows: Any, machine: Any) -> None:
+    workers = Workers(tmp_path, db, machine)
     try:
         # On two machines: the survivor cannot see whether the holder lives, only its lease.
         holder = workers.start("start", LEASE="1.5", HANG_TWO="3", MACHINE="machine-a")
@@ -209,8 +209,8 @@ def test_paused_process_elsewhere_is_taken_over_after_its_lease_and_then_fenced(
 
 
 def test_a_live_process_on_this_machine_is_never_taken_over_when_the_clock_jumps_past_its_lease(
-        tmp_path: Path, db: Any) -> None:
-    workers = Workers(tmp_path, db)
+        tmp_path: Path, db: Any, machine: Any) -> None:
+    workers = Workers(tmp_path, db, machine)
     try:
         holder = workers.start("start", LEASE="1.5", HANG_TWO="2")
         workers.wait_for_mark(("wf", "two"), holder)
@@ -232,8 +232,8 @@ def test_a_live_process_on_this_machine_is_never_taken_over_when_the_clock_jumps
 
 
 def test_a_process_whose_clock_jumps_renews_its_lease_by_the_time_that_really_passed(
-        tmp_path: Path, db: Any, rows: Any) -> None:
-    workers = Workers(tmp_path, db)
+        tmp_path: Path, db: Any, rows: Any, machine: Any) -> None:
+    workers = Workers(tmp_path, db, machine)
     try:
         holder = workers.start("start", LEASE="1.5", HANG_TWO="60", CLOCK_AHEAD="3600",
                                CLOCK_FROM=str(tmp_path / "jump"))
@@ -299,9 +299,11 @@ def test_uvicorn_with_two_workers_on_one_journal_makes_one_workflow_and_one_char
 
 
 def test_two_services_sharing_one_journal_make_one_workflow_and_one_charge(
-        tmp_path: Path, db: Any, service_class: Any, order: Any) -> None:
-    # On PostgreSQL: as on two machines, sharing the database's journal and ledger.
-    one, two = service_class(tmp_path, db), service_class(tmp_path, db)
+        tmp_path: Path, db: Any, store: str, service_class: Any, order: Any) -> None:
+    # On PostgreSQL, on two machines sharing the database's journal and ledger.
+    apart = store == "postgres"
+    one, two = (service_class(tmp_path, db, "machine-a" if apart else None),
+                service_class(tmp_path, db, "machine-b" if apart else None))
     try:
         one.start()
         two.start()
@@ -318,8 +320,8 @@ def test_two_services_sharing_one_journal_make_one_workflow_and_one_charge(
 
 
 def test_cli_show_says_who_holds_a_stuck_workflow_and_whether_it_is_alive(
-        tmp_path: Path, db: Any) -> None:
-    workers = Workers(tmp_path, db)
+        tmp_path: Path, db: Any, machine: Any) -> None:
+    workers = Workers(tmp_path, db, machine)
 
     def show() -> str:
         done = subprocess.run([sys.executable, str(HERE / "durable.py"), str(workers.db),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -29,3 +31,22 @@ def test_readme_quickstart_prints_what_the_readme_shows_on_every_run(tmp_path: P
                              capture_output=True, text=True, timeout=60, check=True)
         assert out.stdout == shown
     assert (tmp_path / "quickstart.db").exists()
+
+
+@pytest.mark.postgres_only
+def test_readme_quickstart_prints_the_same_on_postgres(tmp_path: Path, db: str) -> None:
+    # "Nothing else in the code changes": the same example, on a PostgreSQL URL.
+    code, shown = quickstart()
+    assert 'Durable("quickstart.db")' in code
+    script = tmp_path / "quickstart.py"
+    script.write_text(code.replace('Durable("quickstart.db")', f"Durable({db!r})"))
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout == shown
+    # And the section's own example: those URLs make a Durable (it connects at open).
+    section = (HERE / "README.md").read_text().split("## When you outgrow one machine")[1]
+    example = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert example
+    exec(compile("from durable import Durable\n" + example.group(1), "README", "exec"), {})

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 MAKE_RUN = re.compile(r"((?:[A-Z_]+=\S+ )*)make run")
 PLACEHOLDERS = [
@@ -109,6 +111,7 @@ class Walk:
             time.sleep(0.1)
 
 
+@pytest.mark.sqlite_only
 def test_readme_walkthrough_outputs_match_a_real_server(service: Any) -> None:
     walk = Walk(service)
     if os.environ.get("WALKTHROUGH_PRINT"):
