@@ -3,7 +3,8 @@
 One file, standard library only, Python 3.11 or newer. Copy it into your project.
 
 A *workflow* is a function whose steps are checkpointed, one by one, in a SQLite
-file in WAL mode (the journal). A step that raises is retried with backoff; a step
+file in WAL mode (the journal), or, for services on several machines, in a
+PostgreSQL database: ``Durable("postgresql://...")`` (psycopg 3, imported only then). A step that raises is retried with backoff; a step
 that finished never runs again; the same workflow id submitted twice runs once; and
 after the process is killed, the next start resumes every unfinished workflow from
 its first unfinished step. No server, no broker.
@@ -55,7 +56,8 @@ writes only while this process holds the workflow unfinished, so a cancelled or
 taken-over workflow records nothing more.
 
 Sections, top to bottom: errors; records; codec and checks; owner identity; stores
-(_SqliteJournal: every SQL statement) and the operations on them; group commit (the
+(_SqliteJournal and _PostgresJournal: every SQL statement, the same verbs in each)
+and the operations on them; group commit (the
 writer); step threads; a workflow here (_Run, one object per workflow in this
 process); the step machine (plain functions); the drivers (the loop's and a step
 thread's); context and handle (the public faces); Durable; the command line.
@@ -1315,8 +1317,16 @@ class _PostgresJournal:
         """Write step `rows` and the workflow's `outcome` (if any) only if `owner` holds
         the workflow unfinished; `touch` marks it running first. False, writing nothing,
         when it does not hold it."""
-        # One statement may not update a row twice: a step's last row stands for it.
-        latest = list({row[1]: row for row in rows}.values()) if len(rows) > 1 else rows
+        # One statement may not update a row twice: a step's last row stands for it,
+        # with its first row's name and start, as two upserts in turn would leave it.
+        latest = rows
+        if len(rows) > 1 and len({row[1] for row in rows}) < len(rows):
+            merged: dict[int, _Row] = {}
+            for row in rows:
+                first = merged.get(row[1])
+                merged[row[1]] = row if first is None else (
+                    *row[:2], first[2], *row[3:8], first[8], *row[9:])
+            latest = list(merged.values())
         columns = [list(column) for column in zip(*latest, strict=True)] if latest else []
         if outcome is None and not touch:  # the common case: one statement, fenced
             return not latest or self._count(
@@ -2762,14 +2772,18 @@ class Handle:
 
 
 class Durable:
-    """A journal file and the workflows registered with it.
+    """A journal and the workflows registered with it.
 
     Args:
-        path: the SQLite file; created if missing. Keep it on a local disk.
+        path: the SQLite file, created if missing (keep it on a local disk); or a
+            PostgreSQL URL, "postgresql://user@host:5432/db" (the tables go in the
+            first schema of its search_path: "?options=-csearch_path%3Dname").
         synchronous: "FULL" (default) syncs every commit to disk and survives power
             loss. "NORMAL" survives a crash of the process but may lose the last
-            commits if the machine loses power; it is faster on slow disks.
-        busy_timeout: seconds to wait for another process's write lock.
+            commits if the machine loses power; it is faster on slow disks. On
+            PostgreSQL: synchronous_commit on or off.
+        busy_timeout: seconds to wait for another process's write lock (on
+            PostgreSQL: a row or table lock, lock_timeout).
         retry: the default RetryPolicy for steps (per workflow: `register(retry=)`,
             per step: `ctx.options(retry=)`).
         max_threads: worker threads for sync steps; more steps wait their turn.
@@ -2781,7 +2795,8 @@ class Durable:
             lease/3 s, at most every 2 s). Another process takes a workflow over when
             its owner's lease ran out (the owner was paused, stuck, or on a machine that
             died or was cut off); on the same machine a dead owner is noticed at once.
-            Keep it well above the clock skew between machines sharing the file.
+            On SQLite, keep it well above the clock skew between machines sharing
+            the file; on PostgreSQL the server's clock measures it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL",

@@ -175,3 +175,24 @@ def test_journal_locked_past_busy_timeout_delays_the_workflow_then_it_finishes(
     assert result == "done"
     assert "could not write its journal" in caplog.text
     assert says in caplog.text
+
+
+def test_a_checkpoint_writing_one_step_twice_keeps_its_last_row_and_first_start(
+        db: Any) -> None:
+    # A failed attempt's row and the next attempt's begin row can share a checkpoint;
+    # on PostgreSQL one statement may not write a row twice, so the store merges them.
+    journal = durable._open_journal(str(db))
+    try:
+        with journal.transaction():
+            journal.insert("w", "wf", "{}", "digest", "me", 1.0)
+        first = ("w", 1, "step", "running", 1, None, None, None, 10.0, 10.0, None)
+        second = ("w", 1, "renamed", "running", 2, None, None, '[{"attempt": 1}]', 20.0,
+                  20.0, None)
+        done = ("w", 2, "next", "done", 1, '"x"', None, None, 30.0, 31.0, 31.0)
+        with journal.transaction():
+            assert journal.checkpoint("w", "me", [first, second, done], None, True)
+        assert journal.status("w")[1] == [
+            (1, "step", "running", 2, None, None, '[{"attempt": 1}]', 10.0, 20.0, None),
+            (2, "next", "done", 1, '"x"', None, None, 30.0, 31.0, 31.0)]
+    finally:
+        journal.close()
