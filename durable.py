@@ -4,10 +4,11 @@ One file, standard library only, Python 3.11 or newer. Copy it into your project
 
 A *workflow* is a function whose steps are checkpointed, one by one, in a SQLite
 file in WAL mode (the journal), or, for services on several machines, in a
-PostgreSQL database: ``Durable("postgresql://...")`` (psycopg 3, imported only then). A step that raises is retried with backoff; a step
-that finished never runs again; the same workflow id submitted twice runs once; and
-after the process is killed, the next start resumes every unfinished workflow from
-its first unfinished step. No server, no broker.
+PostgreSQL database: ``Durable("postgresql://...")`` (psycopg 3, imported only then).
+A step that raises is retried with backoff; a step that finished never runs again;
+the same workflow id submitted twice runs once; and after the process is killed, the
+next start resumes every unfinished workflow from its first unfinished step. No
+server, no broker.
 
     from durable import Durable
 
