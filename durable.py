@@ -425,8 +425,20 @@ def _boot_id() -> str:
         return ""
 
 
+@functools.cache
+def _place() -> str:
+    """Where this process's pids mean something: its kernel's boot and its pid
+    namespace. Two containers or machines given the same host name differ here."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return f"{_boot_id()}/{namespace}"
+
+
 def _process_start(pid: int) -> str | None:
-    """A token that changes when `pid` is reused, or None if no such process runs."""
+    """A token that changes when `pid` is reused, or None if no such process runs:
+    where it runs (_place) and when it started."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -444,7 +456,7 @@ def _process_start(pid: int) -> str | None:
     # clock ticks since boot; the name (field 2) may hold spaces and parentheses, so
     # count from its closing parenthesis. https://man7.org/linux/man-pages/man5/proc.5.html
     fields = stat.rpartition(")")[2].split()
-    return None if fields[0] == "Z" else _boot_id() + ":" + fields[19]
+    return None if fields[0] == "Z" else _place() + ":" + fields[19]
 
 
 def _liveness(owner: str, host: str) -> bool | None:
@@ -453,8 +465,9 @@ def _liveness(owner: str, host: str) -> bool | None:
     on another machine, or a Durable of this process, closed or not): only its lease
     can tell then."""
     parts = owner.split("|")
-    if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
-        return None
+    if len(parts) != 4 or parts[0] != host or not parts[1].isdigit() \
+            or parts[2].rpartition(":")[0] not in ("", _place()):
+        return None  # another machine, or the same name on another kernel or namespace
     current = _process_start(int(parts[1]))
     if current is None or (current != "" and current != parts[2]):
         return False
@@ -675,6 +688,11 @@ class _SqliteJournal:
     def close(self) -> None:
         self._conn.close()
 
+    def deadlocked(self, exc: Exception) -> bool:
+        """Whether `exc` rolled back a transaction to end a deadlock: never here, as one
+        write lock is taken up front."""
+        return False
+
     def error(self, what: str, exc: Exception) -> JournalError:
         """A JournalError for `exc`, one of `failures`, with what to do about it."""
         code = getattr(exc, "sqlite_errorname", "").split("_")[:2]
@@ -842,8 +860,9 @@ class _SqliteJournal:
         row = self._conn.execute(self._OUTCOME, (workflow_id,)).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
-    def state(self, workflow_id: str) -> tuple[str, str | None] | None:
-        """(state, owner) of a workflow, None for an unknown id."""
+    def state(self, workflow_id: str, lock: bool = False) -> tuple[str, str | None] | None:
+        """(state, owner) of a workflow, None for an unknown id. `lock` asks what the
+        write lock of transaction() gives here already: no other may change it."""
         row = self._conn.execute(self._STATE, (workflow_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
@@ -1099,8 +1118,14 @@ class _PostgresJournal:
             raise
 
     def _connect(self) -> Any:
-        conn = self._psycopg.connect(self.path, autocommit=True,
-                                     connect_timeout=max(2, int(self._busy_timeout)))
+        # A server gone silent (a partition) is noticed within about one lease, not
+        # the system's TCP defaults (minutes to hours), unless the URL says otherwise.
+        tcp: dict[str, Any] = {"keepalives": 1, "keepalives_idle": max(1, int(self._lease / 3)),
+               "keepalives_interval": max(1, int(self._lease / 9)), "keepalives_count": 3,
+               "tcp_user_timeout": max(1000, int(self._lease * 1000))}
+        conn = self._psycopg.connect(
+            self.path, autocommit=True, connect_timeout=max(2, int(self._busy_timeout)),
+            **{key: value for key, value in tcp.items() if key not in self.path})
         try:
             # A client stopped inside a transaction (paused, cut off) loses it, and the
             # row locks it held, within one lease, so its workflows can be taken over.
@@ -1136,21 +1161,22 @@ class _PostgresJournal:
         try:
             return self._live().execute(sql, params, prepare=prepare)
         except self._psycopg.OperationalError:
-            if self._inside or not self._conn.broken:
-                raise
+            if self._inside or self._conn is None or not self._conn.broken:
+                raise  # inside a transaction, or the server cannot be reached
         return self._live().execute(sql, params, prepare=prepare)
 
     def _migrate(self, create: bool) -> None:
         conn = self._conn
         with self.transaction():
+            # Processes opening at once wait their turn, however short busy_timeout is.
+            conn.execute("SELECT set_config('lock_timeout', '60s', true)")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._MIGRATION_LOCK,))
             if conn.execute("SELECT current_schema()").fetchone()[0] is None and create:
                 # The search_path's first schema does not exist yet: make it.
-                first = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
-                name = first.split(",")[0].strip()
-                if name.startswith('"'):
-                    name = name[1:-1].replace('""', '"')
-                if name and name != "$user":
+                path = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
+                first = _first_in_path(path)
+                if first and first != "$user":
+                    name = conn.execute("SELECT (parse_ident(%s))[1]", (first,)).fetchone()[0]
                     conn.execute(self._psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
                                  .format(self._psycopg.sql.Identifier(name)))
             version = 0
@@ -1168,6 +1194,10 @@ class _PostgresJournal:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+    def deadlocked(self, exc: Exception) -> bool:
+        """Whether `exc` rolled back a transaction to end a deadlock (40P01)."""
+        return getattr(exc, "sqlstate", None) == "40P01"
 
     def error(self, what: str, exc: Exception) -> JournalError:
         """A JournalError for `exc`, one of `failures`, with what to do about it."""
@@ -1196,6 +1226,8 @@ class _PostgresJournal:
             try:
                 conn.execute("COMMIT", prepare=False)
             except self._psycopg.OperationalError:
+                # Unknown (None), or aborted: a failure, and the workflows concerned
+                # resume from what the journal holds.
                 if not conn.broken or not self._committed(xid):
                     raise
         finally:
@@ -1219,11 +1251,11 @@ class _PostgresJournal:
             _log.info("a commit lost its answer with the connection; the server says it "
                       "committed")
             return True
-        if status == "aborted":
-            return False
-        raise JournalError("a commit lost its answer with the connection and the server "
-                           "cannot say yet whether it committed; the workflows concerned "
-                           "resume from what the journal holds")
+        if status != "aborted":
+            _log.warning("a commit lost its answer with the connection and the server "
+                         "could not say within one lease whether it committed; the "
+                         "workflows concerned resume from what the journal holds")
+        return False
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -1346,6 +1378,7 @@ class _PostgresJournal:
 
     _OUTCOME = "SELECT state, result, error FROM durable_workflows WHERE id = %s"
     _STATE = "SELECT state, owner FROM durable_workflows WHERE id = %s"
+    _STATE_LOCKED = f"{_STATE} FOR UPDATE"
     _WORKFLOW = """
         SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
                w.finished_at, w.owner, o.expires_at
@@ -1361,9 +1394,10 @@ class _PostgresJournal:
         row = self._one(self._OUTCOME, (workflow_id,))
         return None if row is None else (row[0], row[1], row[2])
 
-    def state(self, workflow_id: str) -> tuple[str, str | None] | None:
-        """(state, owner) of a workflow, None for an unknown id."""
-        row = self._one(self._STATE, (workflow_id,))
+    def state(self, workflow_id: str, lock: bool = False) -> tuple[str, str | None] | None:
+        """(state, owner) of a workflow, None for an unknown id; with `lock`, in a
+        write transaction, no other may change it until this one ends."""
+        row = self._one(self._STATE_LOCKED if lock else self._STATE, (workflow_id,))
         return None if row is None else (row[0], row[1])
 
     def status(self, workflow_id: str) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
@@ -1396,10 +1430,12 @@ class _PostgresJournal:
         UPDATE durable_workflows SET state = 'pending', result = NULL, error = NULL,
                                      finished_at = NULL, owner = NULL, updated_at = %s
         WHERE id = %s AND state = 'failed'"""
+    # The outer conditions again: a workflow retried meanwhile is seen as it is now.
     _PRUNE = """
         DELETE FROM durable_workflows WHERE id IN (
             SELECT id FROM durable_workflows
-            WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < %s LIMIT %s)"""
+            WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < %s LIMIT %s)
+          AND state IN ('done', 'failed', 'cancelled') AND finished_at < %s"""
 
     def cancel(self, workflow_id: str, error: str, now: float) -> bool:
         return bool(self._count(self._CANCEL, (error, now, now, workflow_id)))
@@ -1418,7 +1454,7 @@ class _PostgresJournal:
     def prune(self, cutoff: float, limit: int) -> int:
         """Delete up to `limit` workflows (and, by cascade, their steps) that finished
         before `cutoff`."""
-        return self._count(self._PRUNE, (cutoff, limit))
+        return self._count(self._PRUNE, (cutoff, limit, cutoff))
 
     # Holders: leases (on the server's clock), claims, release.
 
@@ -1504,6 +1540,17 @@ class _PostgresJournal:
             self._count(self._DELETE_OWNER, (owner,))
 
 
+def _first_in_path(search_path: str) -> str:
+    """The first entry of a PostgreSQL search_path, as written (quoted or not)."""
+    quoted = False
+    for i, char in enumerate(search_path):
+        if char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            return search_path[:i].strip()
+    return search_path.strip()
+
+
 _Journal = _SqliteJournal | _PostgresJournal
 
 
@@ -1546,7 +1593,7 @@ def _read_status(journal: _Journal, workflow_id: str) -> Status:
 
 def _cancel(journal: _Journal, workflow_id: str) -> bool:
     """In a write transaction: cancel the workflow; False if it had finished already."""
-    row = journal.state(workflow_id)
+    row = journal.state(workflow_id, lock=True)
     if row is None:
         raise NotFound(f"no workflow has id {workflow_id!r}")
     if row[0] in _FINISHED:
@@ -1561,7 +1608,7 @@ def _retry(journal: _Journal, workflow_id: str) -> int:
     that step's position, or 0 when no step failed (it replays from the top). The
     steps before it are not run again, so a workflow that compensated them (released
     what it reserved) must be started anew under a new id instead."""
-    row = journal.state(workflow_id)
+    row = journal.state(workflow_id, lock=True)
     if row is None:
         raise NotFound(f"no workflow has id {workflow_id!r}")
     if row[0] != "failed":
@@ -1682,38 +1729,50 @@ class _Writer:
 
     def _commit(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
         journal = self.journal
-        outcomes: list[tuple[bool, Any]] = []
         try:
-            with journal.transaction():
-                # run()'s inserts go first, all together: two statements for any number.
-                inserts = [op for op in ops if isinstance(op, _Insert)]
-                together: list[tuple[bool, Any]] = []
-                if len(inserts) > 1:
-                    try:
-                        together = _Insert.all(journal, inserts)
-                    except journal.failures:
-                        raise
-                    except Exception as exc:  # refused before writing
-                        together = [(False, exc)] * len(inserts)
-                inserted = iter(together)
-                for op in ops:
-                    if len(inserts) > 1 and isinstance(op, _Insert):
-                        outcomes.append(next(inserted))
-                        continue
-                    try:
-                        outcomes.append((True, op(journal)))
-                    except journal.failures:
-                        raise  # the journal failed: the whole batch is rolled back
-                    except (Exception, _Interrupted) as exc:
-                        # An op refuses (conflict, fenced, not found) before it writes,
-                        # so the others in the batch stand.
-                        outcomes.append((False, exc))
+            try:
+                return self._try(ops)
+            except journal.failures as exc:
+                if not journal.deadlocked(exc):
+                    raise
+                # Rolled back whole, as a deadlock's victim (PostgreSQL: two batches
+                # locking rows in other orders, a cancel of a workflow another holds).
+                return self._try(ops)
         except journal.failures as exc:  # nothing of the batch was committed
             error = journal.error("journal write failed", exc)
             for op in ops:
                 if isinstance(op, _Checkpoint):  # before any later write of its workflow
                     op.failed(error)
             return [(False, error)] * len(ops)
+
+    def _try(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
+        """One attempt at committing `ops` in one transaction."""
+        journal = self.journal
+        outcomes: list[tuple[bool, Any]] = []
+        with journal.transaction():
+            # run()'s inserts go first, all together: two statements for any number.
+            inserts = [op for op in ops if isinstance(op, _Insert)]
+            together: list[tuple[bool, Any]] = []
+            if len(inserts) > 1:
+                try:
+                    together = _Insert.all(journal, inserts)
+                except journal.failures:
+                    raise
+                except Exception as exc:  # refused before writing
+                    together = [(False, exc)] * len(inserts)
+            inserted = iter(together)
+            for op in ops:
+                if len(inserts) > 1 and isinstance(op, _Insert):
+                    outcomes.append(next(inserted))
+                    continue
+                try:
+                    outcomes.append((True, op(journal)))
+                except journal.failures:
+                    raise  # the journal failed: the whole batch is rolled back
+                except (Exception, _Interrupted) as exc:
+                    # An op refuses (conflict, fenced, not found) before it writes,
+                    # so the others in the batch stand.
+                    outcomes.append((False, exc))
         return outcomes
 
 
@@ -2717,8 +2776,9 @@ class Context:
         `name` is the step's name in the journal (default: the function's name)."""
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise InvalidInput(f"a step name must be a non-empty string, not {name!r}")
+        if name is not None and (not isinstance(name, str) or not name or "\x00" in name):
+            raise InvalidInput(f"a step name must be a non-empty string without NUL, "
+                               f"not {name!r}")
         return _StepOptions(self._run, name, retry)
 
     def sleep(self, seconds: float) -> _SleepCall:
@@ -3300,6 +3360,8 @@ class Durable:
                 await run.record_pending()
             return None
         finally:
+            if run.stop is None:  # a step thread of this life writing late is refused
+                run.stop = _Fenced(run.id, "its run here ended", logging.DEBUG)
             if self._runs.get(run.id) is run:
                 del self._runs[run.id]
             run.ended(run.outcome)  # stopped unfinished: waiters look at the journal
@@ -3498,9 +3560,17 @@ class Durable:
 
     async def _resume_held(self, workflow_id: str) -> None:
         try:
-            await self._resume([(workflow_id, self._owner, True)])
+            if await self._resume([(workflow_id, self._owner, True)]) or self._here(
+                    workflow_id):
+                return
+            # Not claimed: another process took it (or it ended), or, on PostgreSQL,
+            # its row was still locked (what failed the write) and the claim skipped it.
+            row = await self._query(lambda journal: journal.state(workflow_id))
         except DurableError as exc:
             self._retry_later(workflow_id, exc)
+            return
+        if row is not None and row[0] in _UNFINISHED and row[1] == self._owner:
+            self._retry_later(workflow_id, "its journal row was still locked")
 
 
 # COMMAND LINE: python durable.py JOURNAL list|show|retry|cancel|prune

@@ -31,7 +31,13 @@ def test_owner_liveness_uses_pid_and_process_start_time() -> None:
     me = f"{host}|{pid}|{durable._process_start(pid)}|n"
     assert not durable._owner_is_dead(me, host)
     # The same pid with another start time is a reused pid: the old owner is gone.
-    assert durable._owner_is_dead(f"{host}|{pid}|0:12345|n", host)
+    assert durable._owner_is_dead(f"{host}|{pid}|{durable._place()}:12345|n", host)
+    # The same host name on another kernel (a machine or VM given the same name) or in
+    # another pid namespace (a container): its pids mean nothing here; the lease tells.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    for elsewhere in ("another-boot/4026531836", durable._place().split("/")[0] + "/1"):
+        assert durable._liveness(f"{host}|{child.pid}|{elsewhere}:12345|n", host) is None
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert durable._owner_is_dead(f"{host}|{child.pid}|{durable._process_start(pid)}|n", host)
@@ -101,7 +107,8 @@ def test_open_resumes_unfinished_workflows_of_a_dead_owner_at_once(db: Path, row
 
 
 def test_open_resumes_a_workflow_whose_owner_pid_was_reused(db: Path, rows: Any) -> None:
-    dur, _, ran = _recovery_fixture(db, rows, f"{socket.gethostname()}|{os.getpid()}|0:1|x")
+    dur, _, ran = _recovery_fixture(
+        db, rows, f"{socket.gethostname()}|{os.getpid()}|{durable._place()}:1|x")
     assert _resumes(dur)
     assert ran == ["two"]
 
