@@ -2,7 +2,7 @@
 
     python bench.py                  # the full run (a few minutes): one table on stdout
     python bench.py --quick          # every scenario at tiny sizes, in seconds: a smoke test
-    python bench.py --only postgres  # row 7 alone (in seconds)
+    python bench.py --only postgres  # rows 7-8 alone (about a minute)
 
 The machine may be shared and noisy, so every scenario is measured against a
 baseline in the same run (alternating rounds, medians) and reports the ratio:
@@ -11,9 +11,12 @@ stdout. All files live in a temporary directory that is removed at the end. The
 HTTP row needs wrk (`apt-get install wrk`); without it the row says so and the
 other rows still run.
 
-Row 7 runs on the PostgreSQL server that --postgres names (default:
+Rows 7-8 run on the PostgreSQL server that --postgres names (default:
 $DURABLE_BENCH_POSTGRES, else postgres@127.0.0.1:5432), each scenario in a schema of
-its own, dropped afterwards; with no server answering it says so and the rest runs.
+its own, dropped afterwards; with no server answering they say so and the rest runs.
+Row 8 compares DBOS Transact on the same server, in a child process and a database of
+its own (dropped afterwards), when the dbos package is installed (`make bench`
+installs it into the venv; durable.py never needs it); --quick never runs DBOS.
 """
 
 from __future__ import annotations
@@ -94,9 +97,9 @@ def print_table(rows: list[Row], sizes: Sizes, postgres: str = "") -> None:
     server = f", PostgreSQL {postgres}" if postgres else ""
     print(f"durable.py {durable.__version__} benchmark ({sizes.name} run): Python "
           f"{sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}{server}, "
-          f"{os.cpu_count()} CPUs; rows 1-4 and 7 are medians of {sizes.rounds} alternating "
+          f"{os.cpu_count()} CPUs; rows 1-4 and 7-8 are medians of {sizes.rounds} alternating "
           "round(s); ratio: durable.py's time or size over the baseline's (lower is "
-          "better), unless it says '% of'")
+          "better), unless it says '% of' or 'rate' (higher is better)")
     for n, line in enumerate(cells):
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
               + " |")
@@ -425,7 +428,7 @@ async def durable_sequential(path: Path | str, synchronous: str, count: int) -> 
 
 
 def bench_sequential(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
-    progress("1-2/7: sequential workflows against the sqlite3 floor")
+    progress("1-2/8: sequential workflows against the sqlite3 floor")
     commits = len(template.transactions)
     if template.wal_commits != commits:
         progress(f"WARNING: {commits} write transactions per workflow recorded, but "
@@ -477,7 +480,7 @@ async def durable_concurrent(path: Path, synchronous: str, count: int,
 
 
 def bench_concurrent(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
-    progress(f"3/7: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
+    progress(f"3/8: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
     rows = []
     for sync in ("FULL", "NORMAL"):
         floors, durables = [], []
@@ -645,7 +648,7 @@ def httpx_posts(url: str, count: int, tag: str) -> Http:
 
 
 def bench_http(folder: Path, sizes: Sizes) -> list[Row]:
-    progress("4/7: POST /orders, app.py against a bare Starlette endpoint")
+    progress("4/8: POST /orders, app.py against a bare Starlette endpoint")
     scenario = "4 HTTP POST /orders"
     have_wrk = shutil.which("wrk") is not None
     if not have_wrk and sizes is not QUICK_RUN:
@@ -781,7 +784,7 @@ async def durable_fresh(path: Path, count: int, patience: float) -> float:
 
 def bench_recovery(folder: Path, sizes: Sizes) -> list[Row]:
     count = sizes.recovery
-    progress(f"5/7: recovery of {count:,} workflows left unfinished by a SIGKILL")
+    progress(f"5/8: recovery of {count:,} workflows left unfinished by a SIGKILL")
     folder.mkdir()
     crashed = folder / "crashed.db"
     leave_unfinished(crashed, count)
@@ -833,7 +836,7 @@ async def memory_child(path: Path, marks: list[int], patience: float = 600) -> N
 
 def bench_memory(folder: Path, sizes: Sizes) -> list[Row]:
     low, middle, high = sizes.memory
-    progress(f"6/7: journal bytes per step; RSS after {low:,} to {high:,} finished workflows")
+    progress(f"6/8: journal bytes per step; RSS after {low:,} to {high:,} finished workflows")
     folder.mkdir()
     out = subprocess.run([sys.executable, __file__, "--memory-child", str(folder / "mem.db"),
                           *map(str, sizes.memory)], capture_output=True, text=True, check=True,
@@ -863,6 +866,7 @@ def bench_memory(folder: Path, sizes: Sizes) -> list[Row]:
 # statements, COMMIT. Every scenario gets a fresh schema, dropped afterwards.
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+DBOS_VERSION = "3.4.0"  # what `make bench` installs; bench.py runs whichever is there
 
 # (sql, parameters, rows it changed or returned), as one connection executed it.
 PgStatement = tuple[str, tuple[Any, ...], int]
@@ -1115,22 +1119,115 @@ async def durable_pg_concurrent(url: str, count: int, patience: float) -> PgConc
     return PgConcurrent(timing, pg_transactions(window), len(window))
 
 
+# SCENARIO 8: the same 4-step workflow on DBOS Transact, on the same server, in a child
+# process of its own (its threads and globals apart from durable.py's measurement), in
+# a database of its own. DBOS is no dependency of durable.py: `make bench` installs it.
+
+
+def dbos_child(url: str, sequential: int, concurrent: int) -> None:
+    """In the child: DBOS's sequential and concurrent runs, as bench.py's own (run, then
+    wait for the result; all started at once, until the last is recorded finished);
+    prints one JSON line."""
+    from dbos import DBOS, SetWorkflowID
+
+    DBOS(config={"name": "durable-bench", "system_database_url": url,
+                 "run_admin_server": False, "log_level": "WARNING"})
+
+    @DBOS.step()
+    def dbos_add_one(n: int) -> int:
+        return n + 1
+
+    @DBOS.workflow()
+    def dbos_four_steps(n: int) -> int:
+        for _ in range(STEPS):
+            n = dbos_add_one(n)
+        return n
+
+    def start(wf_id: str, n: int) -> Any:
+        with SetWorkflowID(wf_id):
+            return DBOS.start_workflow(dbos_four_steps, n)
+
+    DBOS.launch()
+    try:
+        for i in range(WARMUP):
+            start(f"warm-{i}", i).get_result()
+        latencies: list[float] = []
+        cpu, begin = time.process_time(), time.perf_counter()
+        for i in range(sequential):
+            began = time.perf_counter()
+            if start(f"seq-{i}", i).get_result() != i + STEPS:
+                raise RuntimeError("DBOS returned a wrong result")
+            latencies.append(time.perf_counter() - began)
+        seq = Timing(time.perf_counter() - begin, time.process_time() - cpu, sequential,
+                     tuple(latencies))
+        cpu, wall = time.process_time(), time.time()
+        handles = [start(f"con-{i}", i) for i in range(concurrent)]
+        if [h.get_result() for h in handles] != [i + STEPS for i in range(concurrent)]:
+            raise RuntimeError("DBOS returned a wrong result")
+        cpu = time.process_time() - cpu
+    finally:
+        DBOS.destroy()
+    with contextlib.closing(pg_connect(url)) as conn:  # when DBOS recorded the last end
+        done, last = conn.execute(
+            "SELECT count(*), max(completed_at) FROM dbos.workflow_status "
+            "WHERE workflow_uuid LIKE 'con-%' AND status = 'SUCCESS'").fetchone()
+    if done != concurrent:
+        raise RuntimeError(f"DBOS recorded {done} of {concurrent} workflows finished")
+    con = Timing(last / 1000 - wall, cpu, concurrent)
+    print(json.dumps({"sequential": dataclasses.asdict(seq),
+                      "concurrent": dataclasses.asdict(con)}), flush=True)
+
+
+def dbos_installed() -> str | None:
+    """DBOS's version, or None when it is not installed."""
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("dbos")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def dbos_round(base: str, sizes: Sizes) -> tuple[Timing, Timing]:
+    """One DBOS child on a fresh database of the server at `base`, dropped afterwards."""
+    name = f"durable_bench_dbos_{os.getpid()}_{secrets.token_hex(3)}"
+    url = urllib.parse.urlsplit(base)._replace(path=f"/{name}").geturl()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--dbos-child", url,
+                               str(sizes.sequential), str(sizes.concurrent)],
+                              capture_output=True, text=True, timeout=sizes.patience)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            raise RuntimeError(f"the DBOS child failed:\n{(proc.stderr + proc.stdout)[-3000:]}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        with contextlib.closing(pg_connect(base)) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return tuple(Timing(**{**out[k], "latencies": tuple(out[k]["latencies"])})
+                 for k in ("sequential", "concurrent"))  # type: ignore[return-value]
+
+
 ROW_PG_SEQ = "7 PostgreSQL sequential 4-step vs psycopg"
 ROW_PG_CON = "concurrent 4-step vs psycopg"
+ROW_DBOS_SEQ = "8 PostgreSQL sequential 4-step vs DBOS"
+ROW_DBOS_CON = "concurrent 4-step vs DBOS"
 
 
 def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
-    """Rows 7, and the server's version for the table's title ("" if none)."""
+    """Rows 7 and 8, and the server's version for the table's title ("" if none)."""
     n = sizes.concurrent
-    con_pg = f"7 PostgreSQL {n:,} {ROW_PG_CON}"
-    names = [ROW_PG_SEQ, con_pg]
+    con_pg, con_dbos = f"7 PostgreSQL {n:,} {ROW_PG_CON}", f"8 PostgreSQL {n:,} {ROW_DBOS_CON}"
+    names = [ROW_PG_SEQ, con_pg, ROW_DBOS_SEQ, con_dbos]
     down = postgres_down(base)
     if down is not None:
-        progress(f"7/7: {down} (skipping the PostgreSQL rows; --postgres URL names another)")
+        progress(f"7-8/8: {down} (skipping the PostgreSQL rows; --postgres URL names another)")
         return [Row(name, f"skipped: {down}", "", "") for name in names], ""
     version = postgres_version(base)
-    progress(f"7/7: PostgreSQL {version}: sequential and {n:,} concurrent workflows "
-             "against a psycopg floor")
+    dbos = dbos_installed() if sizes is not QUICK_RUN else None
+    if sizes is QUICK_RUN:
+        no_dbos = "not run in --quick (DBOS only in the full run)"
+    else:
+        no_dbos = f"skipped: dbos not installed (make bench installs dbos=={DBOS_VERSION})"
+    progress(f"7-8/8: PostgreSQL {version}: sequential and {n:,} concurrent workflows "
+             "against a psycopg floor" + (f" and DBOS {dbos}" if dbos else ""))
     with pg_schema(base, "template") as url:
         template = asyncio.run(learn_pg_commits(url))
     commits = len(template.transactions)
@@ -1140,6 +1237,7 @@ def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
                  "(another client of the server wrote meanwhile?)")
     floors: dict[str, list[Timing]] = {"seq": [], "con": []}
     durables: dict[str, list[Timing]] = {"seq": [], "con": []}
+    dboses: dict[str, list[Timing]] = {"seq": [], "con": []}
     replays: list[PgConcurrent] = []
     for r in range(sizes.rounds):
         with pg_schema(base, f"floor{r}") as url:
@@ -1153,6 +1251,10 @@ def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
         replays.append(run)
         with pg_schema(base, f"cfloor{r}") as url:
             floors["con"].append(pg_floor_replay(url, run.transactions, n))
+        if dbos:
+            seq, con = dbos_round(base, sizes)
+            dboses["seq"].append(seq)
+            dboses["con"].append(con)
     base_seq, mine_seq = median_timing(floors["seq"]), median_timing(durables["seq"])
     base_con, mine_con = median_timing(floors["con"]), median_timing(durables["con"])
     # The median round's own commits, as its floor replayed them.
@@ -1179,6 +1281,24 @@ def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
             f"statements): {base_con.rate:,.0f} wf/s, "
             f"{base_con.cpu / n * 1000:.3f} ms CPU/wf",
             f"{mine_con.per_workflow / base_con.per_workflow:.2f}x"),
+    ]
+    if not dbos:
+        rows += [Row(ROW_DBOS_SEQ, f"{mine_seq.rate:,.0f} wf/s", no_dbos, ""),
+                 Row(con_dbos, f"{mine_con.rate:,.0f} wf/s", no_dbos, "")]
+        return rows, version
+    d_seq, d_con = median_timing(dboses["seq"]), median_timing(dboses["con"])
+    faster = mine_con.rate / d_con.rate
+    rows += [
+        Row(ROW_DBOS_SEQ,
+            f"{mine_seq.rate:,.0f} wf/s, p50 {ms(percentile(mine_seq.latencies, 50))}, "
+            f"{mine_seq.cpu / mine_seq.count * 1000:.3f} ms CPU/wf",
+            f"DBOS {dbos}: {d_seq.rate:,.0f} wf/s, p50 {ms(percentile(d_seq.latencies, 50))}, "
+            f"{d_seq.cpu / d_seq.count * 1000:.3f} ms CPU/wf",
+            f"{mine_seq.rate / d_seq.rate:.1f}x DBOS's rate"),
+        Row(con_dbos,
+            f"{mine_con.rate:,.0f} wf/s, {cpu_ms:.3f} ms CPU/wf",
+            f"DBOS {dbos}: {d_con.rate:,.0f} wf/s, {d_con.cpu / n * 1000:.3f} ms CPU/wf",
+            f"{faster:.1f}x DBOS's rate", verdict(sizes, ">= 10x DBOS's rate", faster >= 10)),
     ]
     return rows, version
 
@@ -1257,14 +1377,19 @@ def main(argv: list[str] | None = None) -> int:
                              "durable.py against the one in BASELINE_DIR (a checkout)")
     parser.add_argument("--postgres", metavar="URL",
                         default=os.environ.get("DURABLE_BENCH_POSTGRES", DEFAULT_POSTGRES),
-                        help="the PostgreSQL server for row 7 (a schema of its own per "
-                             "scenario, dropped afterwards); default: "
+                        help="the PostgreSQL server for rows 7-8 (a schema of its own per "
+                             "scenario, a database for DBOS; all dropped afterwards); default: "
                              "$DURABLE_BENCH_POSTGRES or %(default)s")
     parser.add_argument("--only", choices=("sqlite", "postgres"),
-                        help="only the SQLite rows (1-6) or only the PostgreSQL ones (7)")
+                        help="only the SQLite rows (1-6) or only the PostgreSQL ones (7-8)")
     parser.add_argument("--crash-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--dbos-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.dbos_child:
+        url, sequential, concurrent = args.dbos_child
+        dbos_child(url, int(sequential), int(concurrent))
+        return 0
     if args.crash_child:
         asyncio.run(crash_child(Path(args.crash_child[0]), int(args.crash_child[1])))
         return 0
@@ -1286,7 +1411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "postgres":
         with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
             folder = Path(tmp)
-            progress("0/7: recording what durable.py commits for one workflow")
+            progress("0/8: recording what durable.py commits for one workflow")
             template = asyncio.run(learn_commits(folder / "template.db"))
             rows += [
                 *bench_sequential(folder, sizes, template),
