@@ -28,7 +28,7 @@ $(BIN)/.dbos-$(DBOS_VERSION): $(BIN)/.installed
 	@$(BIN)/pip install --quiet --disable-pip-version-check dbos==$(DBOS_VERSION) && touch $@ \
 		|| echo "could not install dbos==$(DBOS_VERSION): the DBOS rows will be skipped"
 
-# The benchmark table (about 5 minutes). wrk drives the HTTP row; it is installed
+# The benchmark table (about 3 minutes). wrk drives the HTTP row; it is installed
 # here if missing (Debian, as root), else bench.py says so and skips that row. Rows
 # 7-8 use the PostgreSQL server at $$DURABLE_BENCH_POSTGRES (default: postgres@127.0.0.1:5432),
 # and are skipped when none answers.
