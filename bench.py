@@ -1,7 +1,8 @@
 """bench.py: how fast durable.py is, each number next to a baseline from the same run.
 
-    python bench.py            # the full run (a few minutes): one table on stdout
-    python bench.py --quick    # every scenario at tiny sizes, in seconds: a smoke test
+    python bench.py                  # the full run (a few minutes): one table on stdout
+    python bench.py --quick          # every scenario at tiny sizes, in seconds: a smoke test
+    python bench.py --only postgres  # rows 7-8 alone (about a minute)
 
 The machine may be shared and noisy, so every scenario is measured against a
 baseline in the same run (alternating rounds, medians) and reports the ratio:
@@ -9,6 +10,13 @@ judge the ratios, not the absolute timings. Progress goes to stderr, the table t
 stdout. All files live in a temporary directory that is removed at the end. The
 HTTP row needs wrk (`apt-get install wrk`); without it the row says so and the
 other rows still run.
+
+Rows 7-8 run on the PostgreSQL server that --postgres names (default:
+$DURABLE_BENCH_POSTGRES, else postgres@127.0.0.1:5432), each scenario in a schema of
+its own, dropped afterwards; with no server answering they say so and the rest runs.
+Row 8 compares DBOS Transact on the same server, in a child process and a database of
+its own (dropped afterwards), when the dbos package is installed (`make bench`
+installs it into the venv; durable.py never needs it); --quick never runs DBOS.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import dataclasses
 import gc
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +90,16 @@ class Row:
     goal: str = ""
 
 
-def print_table(rows: list[Row], sizes: Sizes) -> None:
+def print_table(rows: list[Row], sizes: Sizes, postgres: str = "") -> None:
     header = Row("scenario", "durable.py", "baseline (same run)", "ratio", "goal")
     cells = [[r.scenario, r.durable, r.baseline, r.ratio, r.goal] for r in [header, *rows]]
     widths = [max(len(line[i]) for line in cells) for i in range(5)]
+    server = f", PostgreSQL {postgres}" if postgres else ""
     print(f"durable.py {durable.__version__} benchmark ({sizes.name} run): Python "
-          f"{sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs; "
-          f"rows 1-4 are medians of {sizes.rounds} alternating round(s); ratio: durable.py's "
-          "time or size over the baseline's (lower is better), unless it says '% of'")
+          f"{sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}{server}, "
+          f"{os.cpu_count()} CPUs; rows 1-4 and 7-8 are medians of {sizes.rounds} alternating "
+          "round(s); ratio: durable.py's time or size over the baseline's (lower is "
+          "better), unless it says '% of' or 'rate' (higher is better)")
     for n, line in enumerate(cells):
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True))
               + " |")
@@ -180,22 +192,26 @@ def wal_commits(path: str) -> int:
     return commits
 
 
-def unfinished(watch: sqlite3.Connection) -> int:
+# `watch` is an sqlite3 connection to an SQLite journal, or a psycopg one (autocommit) to
+# a PostgreSQL journal, whose table is then "durable_workflows": the same SQL runs on both.
+
+
+def unfinished(watch: Any, table: str = "workflows") -> int:
     return int(watch.execute(
-        "SELECT count(*) FROM workflows WHERE state IN ('pending', 'running')").fetchone()[0])
+        f"SELECT count(*) FROM {table} WHERE state IN ('pending', 'running')").fetchone()[0])
 
 
-def last_finished_at(watch: sqlite3.Connection) -> float:
-    return float(watch.execute("SELECT max(finished_at) FROM workflows").fetchone()[0])
+def last_finished_at(watch: Any, table: str = "workflows") -> float:
+    return float(watch.execute(f"SELECT max(finished_at) FROM {table}").fetchone()[0])
 
 
-async def until_finished(watch: sqlite3.Connection, patience: float) -> None:
+async def until_finished(watch: Any, patience: float, table: str = "workflows") -> None:
     """Wait until the journal holds no unfinished workflow, looking from outside
     (a connection of our own), so the measured process does no extra work."""
     deadline = time.monotonic() + patience
-    while unfinished(watch):
+    while unfinished(watch, table):
         if time.monotonic() > deadline:
-            owners = watch.execute("SELECT owner, count(*) FROM workflows WHERE state IN "
+            owners = watch.execute(f"SELECT owner, count(*) FROM {table} WHERE state IN "
                                    "('pending', 'running') GROUP BY owner").fetchall()
             raise RuntimeError(f"workflows still unfinished after {patience:g} s, by owner: "
                                f"{owners}")
@@ -236,8 +252,9 @@ def held_steps(ctx: Context, n: int) -> Generator[Any, Any, int]:
     return n
 
 
-def journal(path: Path, synchronous: str = "FULL",
+def journal(path: Path | str, synchronous: str = "FULL",
             workflow: Callable[..., Any] = four_steps) -> Durable:
+    """A Durable on an SQLite file, or on a postgresql:// URL."""
     dur = Durable(path, synchronous=synchronous)
     dur.register(workflow)
     return dur
@@ -345,7 +362,7 @@ async def learn_commits(path: Path, count: int = 10) -> Template:
     return Template("template-0", mine, in_wal, changes)
 
 
-async def create_journal(path: Path) -> None:
+async def create_journal(path: Path | str) -> None:
     """An empty journal, schema made by durable.py itself."""
     async with Durable(path):
         pass
@@ -395,7 +412,7 @@ def floor(path: Path, synchronous: str, template: Template, count: int,
 # SCENARIOS 1 AND 2: sequential workflows against the floor.
 
 
-async def durable_sequential(path: Path, synchronous: str, count: int) -> Timing:
+async def durable_sequential(path: Path | str, synchronous: str, count: int) -> Timing:
     """One workflow at a time: latency is run() until result() returns."""
     async with journal(path, synchronous) as dur:
         for i in range(WARMUP):
@@ -411,7 +428,7 @@ async def durable_sequential(path: Path, synchronous: str, count: int) -> Timing
 
 
 def bench_sequential(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
-    progress("1-2/6: sequential workflows against the sqlite3 floor")
+    progress("1-2/8: sequential workflows against the sqlite3 floor")
     commits = len(template.transactions)
     if template.wal_commits != commits:
         progress(f"WARNING: {commits} write transactions per workflow recorded, but "
@@ -463,7 +480,7 @@ async def durable_concurrent(path: Path, synchronous: str, count: int,
 
 
 def bench_concurrent(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
-    progress(f"3/6: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
+    progress(f"3/8: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
     rows = []
     for sync in ("FULL", "NORMAL"):
         floors, durables = [], []
@@ -631,7 +648,7 @@ def httpx_posts(url: str, count: int, tag: str) -> Http:
 
 
 def bench_http(folder: Path, sizes: Sizes) -> list[Row]:
-    progress("4/6: POST /orders, app.py against a bare Starlette endpoint")
+    progress("4/8: POST /orders, app.py against a bare Starlette endpoint")
     scenario = "4 HTTP POST /orders"
     have_wrk = shutil.which("wrk") is not None
     if not have_wrk and sizes is not QUICK_RUN:
@@ -767,7 +784,7 @@ async def durable_fresh(path: Path, count: int, patience: float) -> float:
 
 def bench_recovery(folder: Path, sizes: Sizes) -> list[Row]:
     count = sizes.recovery
-    progress(f"5/6: recovery of {count:,} workflows left unfinished by a SIGKILL")
+    progress(f"5/8: recovery of {count:,} workflows left unfinished by a SIGKILL")
     folder.mkdir()
     crashed = folder / "crashed.db"
     leave_unfinished(crashed, count)
@@ -819,7 +836,7 @@ async def memory_child(path: Path, marks: list[int], patience: float = 600) -> N
 
 def bench_memory(folder: Path, sizes: Sizes) -> list[Row]:
     low, middle, high = sizes.memory
-    progress(f"6/6: journal bytes per step; RSS after {low:,} to {high:,} finished workflows")
+    progress(f"6/8: journal bytes per step; RSS after {low:,} to {high:,} finished workflows")
     folder.mkdir()
     out = subprocess.run([sys.executable, __file__, "--memory-child", str(folder / "mem.db"),
                           *map(str, sizes.memory)], capture_output=True, text=True, check=True,
@@ -840,6 +857,450 @@ def bench_memory(folder: Path, sizes: Sizes) -> list[Row]:
             f"{first['rss_kb'] / 1024:.1f} MB after {low:,}",
             f"{growth:.2f}x", verdict(sizes, "flat (<= 1.10x)", growth <= 1.10)),
     ]
+
+
+# SCENARIO 7: the same workflows on durable.py's PostgreSQL store, against a psycopg floor.
+# As with SQLite, the floor does not copy durable.py's SQL: it replays the statements
+# durable.py's own connections executed (recorded through a psycopg.Connection
+# subclass), one after another on one plain connection, each transaction as BEGIN, the
+# statements, COMMIT. Every scenario gets a fresh schema, dropped afterwards.
+
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+DBOS_VERSION = "3.4.0"  # what `make bench` installs; bench.py runs whichever is there
+
+# (sql, parameters, rows it changed or returned), as one connection executed it.
+PgStatement = tuple[str, tuple[Any, ...], int]
+
+
+def pg_schema_url(base: str, schema: str) -> str:
+    """`base` with its tables in `schema` (durable.py creates the schema), its
+    connections named durable-bench (durable.py keeps a name the URL gives): other
+    clients of a shared server that end durable.py's connections (test_postgres.py
+    does) leave the benchmark's alone."""
+    return (f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+            "&application_name=durable-bench")
+
+
+def pg_connect(url: str) -> Any:
+    import psycopg
+    return psycopg.connect(url, autocommit=True, connect_timeout=3)
+
+
+def postgres_down(base: str) -> str | None:
+    """Why the server at `base` cannot be used, or None when it can."""
+    try:
+        import psycopg
+    except ImportError:
+        return 'psycopg is not installed (pip install "psycopg[binary]")'
+    try:
+        with contextlib.closing(pg_connect(base)) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return f"cannot use PostgreSQL at {redacted(base)}: {str(exc).strip().splitlines()[0]}"
+    return None
+
+
+def redacted(url: str) -> str:
+    """`url` without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+def postgres_version(base: str) -> str:
+    with contextlib.closing(pg_connect(base)) as conn:
+        return str(conn.execute("SHOW server_version").fetchone()[0]).split()[0]
+
+
+@contextlib.contextmanager
+def pg_schema(base: str, tag: str) -> Iterator[str]:
+    """The URL of a schema of its own on the server (made by whoever connects first),
+    dropped with everything in it afterwards."""
+    schema = f"durable_bench_{tag}_{os.getpid()}_{secrets.token_hex(3)}"
+    try:
+        yield pg_schema_url(base, schema)
+    finally:
+        with contextlib.closing(pg_connect(base)) as admin:
+            admin.execute("SET lock_timeout = '10s'")
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@contextlib.contextmanager
+def pg_recording(statements: list[tuple[int, str, tuple[Any, ...], int]]) -> Iterator[None]:
+    """Connections opened meanwhile (durable.py's own, through psycopg.connect) note each
+    statement they execute: (connection, sql, parameters, rows changed or returned)."""
+    import psycopg
+
+    class Recording(psycopg.Connection):  # type: ignore[type-arg]
+        def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None,
+                    binary: bool = False) -> Any:
+            cur = super().execute(query, params, prepare=prepare, binary=binary)
+            statements.append((id(self), str(query), tuple(params or ()), cur.rowcount))
+            return cur
+
+    real = psycopg.connect
+    psycopg.connect = Recording.connect  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        psycopg.connect = real  # type: ignore[assignment]
+
+
+def pg_transactions(statements: list[tuple[int, str, tuple[Any, ...], int]]
+                    ) -> list[list[PgStatement]]:
+    """The committed write transactions among recorded statements, each connection's
+    apart, in the order they committed, without their BEGIN (durable.py's asks the
+    server for the transaction's id in the same round trip) and COMMIT. Read-only
+    snapshots and rolled-back transactions are left out: they are no commits."""
+    open_: dict[int, list[PgStatement] | None] = {}
+    transactions: list[list[PgStatement]] = []
+    for conn, sql, params, rows in statements:
+        head = " ".join(sql.split()).upper()
+        if head.startswith("BEGIN"):
+            open_[conn] = None if "READ ONLY" in head else []
+        elif head == "COMMIT":
+            current = open_.pop(conn, None)
+            if current is not None:
+                transactions.append(current)
+        elif head == "ROLLBACK":
+            open_.pop(conn, None)
+        elif (current := open_.get(conn)) is not None:
+            current.append((sql, params, rows))
+    return transactions
+
+
+def _swap(value: Any, old: str, new: str) -> Any:
+    if value == old:
+        return new
+    if isinstance(value, list):
+        return [new if item == old else item for item in value]
+    return value
+
+
+def _mentions(transaction: list[PgStatement], wf_id: str) -> bool:
+    return any(p == wf_id or (isinstance(p, list) and wf_id in p)
+               for _, params, _ in transaction for p in params)
+
+
+@dataclass(frozen=True, slots=True)
+class PgTemplate:
+    """What durable.py commits on PostgreSQL for one sequential `four_steps` workflow."""
+
+    workflow_id: str
+    transactions: list[list[PgStatement]]  # one list of statements per commit
+    xids: float  # transaction ids the server handed out per workflow (a check on the count)
+    round_trips: float  # statements durable.py's connections executed per workflow
+    rows: float  # rows the commits' statements changed or returned, per workflow
+
+    def for_workflow(self, wf_id: str) -> list[list[PgStatement]]:
+        return [[(sql, tuple(_swap(p, self.workflow_id, wf_id) for p in params), rows)
+                 for sql, params, rows in transaction] for transaction in self.transactions]
+
+
+def next_xid(conn: Any) -> int:
+    """The next transaction id the server will hand out (asking assigns none)."""
+    return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+               .fetchone()[0])
+
+
+async def learn_pg_commits(url: str, count: int = 10) -> PgTemplate:
+    """Run `count` workflows one by one, recording durable.py's statements, and count
+    their commits twice: by the recorded transactions and by the transaction ids the
+    server handed out meanwhile (more if another client wrote to the server then)."""
+    statements: list[tuple[int, str, tuple[Any, ...], int]] = []
+    dur = journal(url)
+    with pg_recording(statements):
+        await dur.open()
+    try:
+        with contextlib.closing(pg_connect(url)) as watch:
+            await (await dur.run("warm", four_steps, 0)).result()
+            statements.clear()
+            xid = next_xid(watch)
+            for i in range(count):
+                await (await dur.run(f"template-{i}", four_steps, i)).result()
+            xids = (next_xid(watch) - xid) / count
+            recorded = list(statements)
+    finally:
+        await dur.close()
+    transactions = [t for t in pg_transactions(recorded)
+                    if any(_mentions(t, f"template-{i}") for i in range(count))]
+    mine = [t for t in transactions if _mentions(t, "template-0")]
+    if not mine or len(transactions) != len(mine) * count:
+        raise RuntimeError(f"{len(transactions)} transactions for {count} workflows, "
+                           f"{len(mine)} for the first: the workflows shared commits")
+    rows = sum(r for t in mine for _, _, r in t)
+    return PgTemplate("template-0", mine, xids, len(recorded) / count, rows)
+
+
+def pg_floor_connect(url: str) -> Any:
+    """A plain connection (autocommit: each transaction is an explicit BEGIN ... COMMIT)
+    with the synchronous_commit durable.py sets for FULL: COMMIT returns once durable."""
+    conn = pg_connect(url)
+    conn.execute("SET synchronous_commit = on")
+    return conn
+
+
+def pg_replay(conn: Any, transactions: list[list[PgStatement]]) -> int:
+    """Commit `transactions` one after another; the rows their statements touched."""
+    rows = 0
+    for transaction in transactions:
+        conn.execute("BEGIN", prepare=False)
+        for sql, params, _ in transaction:
+            rows += conn.execute(sql, params).rowcount
+        conn.execute("COMMIT", prepare=False)
+    return rows
+
+
+def pg_floor_sequential(url: str, template: PgTemplate, count: int) -> Timing:
+    """`count` workflows' commits replayed one workflow after another."""
+    asyncio.run(create_journal(url))
+    latencies: list[float] = []
+    rows = 0
+    with contextlib.closing(pg_floor_connect(url)) as conn:
+        for i in range(WARMUP):  # as durable.py's: connection and server caches warm
+            pg_replay(conn, template.for_workflow(f"warm-{i}"))
+        cpu, start = time.process_time(), time.perf_counter()
+        for i in range(count):
+            began = time.perf_counter()
+            rows += pg_replay(conn, template.for_workflow(f"floor-{i}"))
+            latencies.append(time.perf_counter() - began)
+        timing = Timing(time.perf_counter() - start, time.process_time() - cpu, count,
+                        tuple(latencies))
+    # A replay that no longer matches (a fence that now finds nothing) is no floor.
+    if rows != count * template.rows:
+        raise RuntimeError(f"the floor's statements touched {rows} rows for {count} "
+                           f"workflows; durable.py's touched {template.rows:g} per workflow")
+    return timing
+
+
+def pg_floor_replay(url: str, transactions: list[list[PgStatement]], count: int) -> Timing:
+    """The very commits a concurrent durable.py run made (the same statements, grouped
+    in the same transactions), replayed one after another into a fresh schema."""
+    asyncio.run(create_journal(url))
+    expected = sum(r for t in transactions for _, _, r in t)
+    with contextlib.closing(pg_floor_connect(url)) as conn:
+        cpu, start = time.process_time(), time.perf_counter()
+        rows = pg_replay(conn, transactions)
+        timing = Timing(time.perf_counter() - start, time.process_time() - cpu, count)
+    if rows != expected:
+        raise RuntimeError(f"the replayed commits touched {rows} rows; durable.py's "
+                           f"touched {expected}")
+    return timing
+
+
+@dataclass(frozen=True, slots=True)
+class PgConcurrent:
+    timing: Timing
+    transactions: list[list[PgStatement]]  # the commits it made, as recorded
+    round_trips: int  # statements its connections executed meanwhile
+
+
+async def durable_pg_concurrent(url: str, count: int, patience: float) -> PgConcurrent:
+    """`count` workflows started at once, as durable_concurrent, recording every
+    statement durable.py's connections execute (a list append each: noise)."""
+    statements: list[tuple[int, str, tuple[Any, ...], int]] = []
+    dur = journal(url)
+    with pg_recording(statements):
+        await dur.open()
+    try:
+        with contextlib.closing(pg_connect(url)) as watch:
+            await start_all(dur, four_steps, "warm", WARMUP)
+            await until_finished(watch, patience, "durable_workflows")
+            first = len(statements)
+            cpu, wall = time.process_time(), time.time()
+            await start_all(dur, four_steps, "con", count)
+            await until_finished(watch, patience, "durable_workflows")
+            cpu = time.process_time() - cpu
+            timing = Timing(last_finished_at(watch, "durable_workflows") - wall, cpu, count)
+            window = statements[first:]
+    finally:
+        await dur.close()
+    return PgConcurrent(timing, pg_transactions(window), len(window))
+
+
+# SCENARIO 8: the same 4-step workflow on DBOS Transact, on the same server, in a child
+# process of its own (its threads and globals apart from durable.py's measurement), in
+# a database of its own. DBOS is no dependency of durable.py: `make bench` installs it.
+
+
+def dbos_child(url: str, sequential: int, concurrent: int) -> None:
+    """In the child: DBOS's sequential and concurrent runs, as bench.py's own (run, then
+    wait for the result; all started at once, until the last is recorded finished);
+    prints one JSON line."""
+    from dbos import DBOS, SetWorkflowID
+
+    DBOS(config={"name": "durable-bench", "system_database_url": url,
+                 "run_admin_server": False, "log_level": "WARNING"})
+
+    @DBOS.step()
+    def dbos_add_one(n: int) -> int:
+        return n + 1
+
+    @DBOS.workflow()
+    def dbos_four_steps(n: int) -> int:
+        for _ in range(STEPS):
+            n = dbos_add_one(n)
+        return n
+
+    def start(wf_id: str, n: int) -> Any:
+        with SetWorkflowID(wf_id):
+            return DBOS.start_workflow(dbos_four_steps, n)
+
+    DBOS.launch()
+    try:
+        for i in range(WARMUP):
+            start(f"warm-{i}", i).get_result()
+        latencies: list[float] = []
+        cpu, begin = time.process_time(), time.perf_counter()
+        for i in range(sequential):
+            began = time.perf_counter()
+            if start(f"seq-{i}", i).get_result() != i + STEPS:
+                raise RuntimeError("DBOS returned a wrong result")
+            latencies.append(time.perf_counter() - began)
+        seq = Timing(time.perf_counter() - begin, time.process_time() - cpu, sequential,
+                     tuple(latencies))
+        cpu, wall = time.process_time(), time.time()
+        handles = [start(f"con-{i}", i) for i in range(concurrent)]
+        if [h.get_result() for h in handles] != [i + STEPS for i in range(concurrent)]:
+            raise RuntimeError("DBOS returned a wrong result")
+        cpu = time.process_time() - cpu
+    finally:
+        DBOS.destroy()
+    with contextlib.closing(pg_connect(url)) as conn:  # when DBOS recorded the last end
+        done, last = conn.execute(
+            "SELECT count(*), max(completed_at) FROM dbos.workflow_status "
+            "WHERE workflow_uuid LIKE 'con-%' AND status = 'SUCCESS'").fetchone()
+    if done != concurrent:
+        raise RuntimeError(f"DBOS recorded {done} of {concurrent} workflows finished")
+    con = Timing(last / 1000 - wall, cpu, concurrent)
+    print(json.dumps({"sequential": dataclasses.asdict(seq),
+                      "concurrent": dataclasses.asdict(con)}), flush=True)
+
+
+def dbos_installed() -> str | None:
+    """DBOS's version, or None when it is not installed."""
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("dbos")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def dbos_round(base: str, sizes: Sizes) -> tuple[Timing, Timing]:
+    """One DBOS child on a fresh database of the server at `base`, dropped afterwards."""
+    name = f"durable_bench_dbos_{os.getpid()}_{secrets.token_hex(3)}"
+    url = urllib.parse.urlsplit(base)._replace(path=f"/{name}").geturl()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--dbos-child", url,
+                               str(sizes.sequential), str(sizes.concurrent)],
+                              capture_output=True, text=True, timeout=sizes.patience)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            raise RuntimeError(f"the DBOS child failed:\n{(proc.stderr + proc.stdout)[-3000:]}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        with contextlib.closing(pg_connect(base)) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return tuple(Timing(**{**out[k], "latencies": tuple(out[k]["latencies"])})
+                 for k in ("sequential", "concurrent"))  # type: ignore[return-value]
+
+
+ROW_PG_SEQ = "7 PostgreSQL sequential 4-step vs psycopg"
+ROW_PG_CON = "concurrent 4-step vs psycopg"
+ROW_DBOS_SEQ = "8 PostgreSQL sequential 4-step vs DBOS"
+ROW_DBOS_CON = "concurrent 4-step vs DBOS"
+
+
+def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
+    """Rows 7 and 8, and the server's version for the table's title ("" if none)."""
+    n = sizes.concurrent
+    con_pg, con_dbos = f"7 PostgreSQL {n:,} {ROW_PG_CON}", f"8 PostgreSQL {n:,} {ROW_DBOS_CON}"
+    names = [ROW_PG_SEQ, con_pg, ROW_DBOS_SEQ, con_dbos]
+    down = postgres_down(base)
+    if down is not None:
+        progress(f"7-8/8: {down} (skipping the PostgreSQL rows; --postgres URL names another)")
+        return [Row(name, f"skipped: {down}", "", "") for name in names], ""
+    version = postgres_version(base)
+    dbos = dbos_installed() if sizes is not QUICK_RUN else None
+    if sizes is QUICK_RUN:
+        no_dbos = "not run in --quick (DBOS only in the full run)"
+    else:
+        no_dbos = f"skipped: dbos not installed (make bench installs dbos=={DBOS_VERSION})"
+    progress(f"7-8/8: PostgreSQL {version}: sequential and {n:,} concurrent workflows "
+             "against a psycopg floor" + (f" and DBOS {dbos}" if dbos else ""))
+    with pg_schema(base, "template") as url:
+        template = asyncio.run(learn_pg_commits(url))
+    commits = len(template.transactions)
+    if template.xids != commits:
+        progress(f"WARNING: {commits} write transactions per workflow recorded, but the "
+                 f"server handed out {template.xids:g} transaction ids per workflow "
+                 "(another client of the server wrote meanwhile?)")
+    floors: dict[str, list[Timing]] = {"seq": [], "con": []}
+    durables: dict[str, list[Timing]] = {"seq": [], "con": []}
+    dboses: dict[str, list[Timing]] = {"seq": [], "con": []}
+    replays: list[PgConcurrent] = []
+    for r in range(sizes.rounds):
+        with pg_schema(base, f"floor{r}") as url:
+            floors["seq"].append(pg_floor_sequential(url, template, sizes.sequential))
+        with pg_schema(base, f"seq{r}") as url:
+            durables["seq"].append(asyncio.run(durable_sequential(url, "FULL",
+                                                                  sizes.sequential)))
+        with pg_schema(base, f"con{r}") as url:
+            run = asyncio.run(durable_pg_concurrent(url, n, sizes.patience))
+        durables["con"].append(run.timing)
+        replays.append(run)
+        with pg_schema(base, f"cfloor{r}") as url:
+            floors["con"].append(pg_floor_replay(url, run.transactions, n))
+        if dbos:
+            seq, con = dbos_round(base, sizes)
+            dboses["seq"].append(seq)
+            dboses["con"].append(con)
+    base_seq, mine_seq = median_timing(floors["seq"]), median_timing(durables["seq"])
+    base_con, mine_con = median_timing(floors["con"]), median_timing(durables["con"])
+    # The median round's own commits, as its floor replayed them.
+    ran = sorted(replays, key=lambda run: run.timing.seconds)[(len(replays) - 1) // 2]
+    ran_statements = sum(len(t) for t in ran.transactions)
+    ratio = mine_seq.per_workflow / base_seq.per_workflow
+    cpu_ms = mine_con.cpu / n * 1000
+    rows = [
+        Row(ROW_PG_SEQ,
+            f"{ms(mine_seq.per_workflow)}/wf ({mine_seq.rate:,.0f} wf/s), "
+            f"p50 {ms(percentile(mine_seq.latencies, 50))}, "
+            f"p99 {ms(percentile(mine_seq.latencies, 99))}; {commits} commits/wf "
+            f"({template.xids:g} xids on the server), {template.round_trips:g} round trips/wf",
+            f"psycopg, the same {commits} commits: {ms(base_seq.per_workflow)}/wf, "
+            f"p50 {ms(percentile(base_seq.latencies, 50))}, "
+            f"p99 {ms(percentile(base_seq.latencies, 99))}, "
+            f"{template.round_trips:g} round trips/wf",
+            f"{ratio:.2f}x", verdict(sizes, "<= 1.5x", ratio <= 1.5)),
+        Row(con_pg,
+            f"{mine_con.rate:,.0f} wf/s, {mine_con.rate * STEPS:,.0f} steps/s, "
+            f"{cpu_ms:.3f} ms CPU/wf; {len(ran.transactions)} commits, "
+            f"{ran.round_trips / n:.1f} round trips/wf",
+            f"psycopg, the same {len(ran.transactions)} commits ({ran_statements:,} "
+            f"statements): {base_con.rate:,.0f} wf/s, "
+            f"{base_con.cpu / n * 1000:.3f} ms CPU/wf",
+            f"{mine_con.per_workflow / base_con.per_workflow:.2f}x"),
+    ]
+    if not dbos:
+        rows += [Row(ROW_DBOS_SEQ, f"{mine_seq.rate:,.0f} wf/s", no_dbos, ""),
+                 Row(con_dbos, f"{mine_con.rate:,.0f} wf/s", no_dbos, "")]
+        return rows, version
+    d_seq, d_con = median_timing(dboses["seq"]), median_timing(dboses["con"])
+    faster = mine_con.rate / d_con.rate
+    rows += [
+        Row(ROW_DBOS_SEQ,
+            f"{mine_seq.rate:,.0f} wf/s, p50 {ms(percentile(mine_seq.latencies, 50))}, "
+            f"{mine_seq.cpu / mine_seq.count * 1000:.3f} ms CPU/wf",
+            f"DBOS {dbos}: {d_seq.rate:,.0f} wf/s, p50 {ms(percentile(d_seq.latencies, 50))}, "
+            f"{d_seq.cpu / d_seq.count * 1000:.3f} ms CPU/wf",
+            f"{mine_seq.rate / d_seq.rate:.1f}x DBOS's rate"),
+        Row(con_dbos,
+            f"{mine_con.rate:,.0f} wf/s, {cpu_ms:.3f} ms CPU/wf",
+            f"DBOS {dbos}: {d_con.rate:,.0f} wf/s, {d_con.cpu / n * 1000:.3f} ms CPU/wf",
+            f"{faster:.1f}x DBOS's rate", verdict(sizes, ">= 10x DBOS's rate", faster >= 10)),
+    ]
+    return rows, version
 
 
 # INSTRUCTIONS: a count that the machine's noise does not move, for before/after pairs.
@@ -914,9 +1375,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instructions", metavar="BASELINE_DIR", type=Path,
                         help="instead: instructions per workflow (valgrind) of this "
                              "durable.py against the one in BASELINE_DIR (a checkout)")
+    parser.add_argument("--postgres", metavar="URL",
+                        default=os.environ.get("DURABLE_BENCH_POSTGRES", DEFAULT_POSTGRES),
+                        help="the PostgreSQL server for rows 7-8 (a schema of its own per "
+                             "scenario, a database for DBOS; all dropped afterwards); default: "
+                             "$DURABLE_BENCH_POSTGRES or %(default)s")
+    parser.add_argument("--only", choices=("sqlite", "postgres"),
+                        help="only the SQLite rows (1-6) or only the PostgreSQL ones (7-8)")
     parser.add_argument("--crash-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--dbos-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.dbos_child:
+        url, sequential, concurrent = args.dbos_child
+        dbos_child(url, int(sequential), int(concurrent))
+        return 0
     if args.crash_child:
         asyncio.run(crash_child(Path(args.crash_child[0]), int(args.crash_child[1])))
         return 0
@@ -933,19 +1406,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = QUICK_RUN if args.quick else FULL_RUN
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
-        folder = Path(tmp)
-        progress("0/6: recording what durable.py commits for one workflow")
-        template = asyncio.run(learn_commits(folder / "template.db"))
-        rows = [
-            *bench_sequential(folder, sizes, template),
-            *bench_concurrent(folder, sizes, template),
-            *bench_http(folder / "http", sizes),
-            *bench_recovery(folder / "recovery", sizes),
-            *bench_memory(folder / "memory", sizes),
-        ]
+    rows: list[Row] = []
+    postgres = ""
+    if args.only != "postgres":
+        with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+            folder = Path(tmp)
+            progress("0/8: recording what durable.py commits for one workflow")
+            template = asyncio.run(learn_commits(folder / "template.db"))
+            rows += [
+                *bench_sequential(folder, sizes, template),
+                *bench_concurrent(folder, sizes, template),
+                *bench_http(folder / "http", sizes),
+                *bench_recovery(folder / "recovery", sizes),
+                *bench_memory(folder / "memory", sizes),
+            ]
+    if args.only != "sqlite":
+        pg_rows, postgres = bench_postgres(args.postgres, sizes)
+        rows += pg_rows
     progress(f"done in {time.monotonic() - started:.0f} s")
-    print_table(rows, sizes)
+    print_table(rows, sizes, postgres)
     return 0
 
 

@@ -22,6 +22,11 @@ ROWS = [
     ": open() -> all done",
     "6 journal bytes per step",
     "6 RSS after",
+    # The PostgreSQL rows: measured when a server answers, else saying it was skipped.
+    "7 PostgreSQL sequential 4-step vs psycopg",
+    "concurrent 4-step vs psycopg",
+    "8 PostgreSQL sequential 4-step vs DBOS",  # DBOS itself never runs in --quick
+    "concurrent 4-step vs DBOS",
 ]
 
 
