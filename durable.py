@@ -842,6 +842,14 @@ class _SqliteJournal:
                          tuple(itertools.chain.from_iterable(part)))
         return True
 
+    def checkpoints(self, owner: str, writes: list[tuple[str, list[_Row], _Outcome | None,
+                                                          bool]]) -> set[str]:
+        """`checkpoint` for each (workflow id, rows, outcome, touch), in order; returns
+        the ids of the workflows `owner` does not hold (nothing of theirs written).
+        One after another: here a statement costs no round trip."""
+        return {workflow_id for workflow_id, rows, outcome, touch in writes
+                if not self.checkpoint(workflow_id, owner, rows, outcome, touch)}
+
     # Reads of one workflow.
 
     _OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
@@ -1322,57 +1330,70 @@ class _PostgresJournal:
 
     # Checkpoints: step rows and a workflow's end, fenced on its holder.
 
-    # The fence locks the workflow's row (FOR SHARE; the UPDATEs lock it themselves):
-    # a takeover committed since this statement began is seen, one under way is
-    # waited for, and none can commit before this transaction does.
-    _TOUCH = """
-        UPDATE durable_workflows SET state = 'running', updated_at = %s
-        WHERE id = %s AND owner = %s AND state IN ('pending', 'running')"""
-    _FINISH = """
-        UPDATE durable_workflows SET state = %s, result = %s, error = %s, updated_at = %s,
-                                     finished_at = %s
-        WHERE id = %s AND owner = %s AND state IN ('pending', 'running')"""
-    _STEP_ROWS = f"""
+    # Every checkpoint of a batch is written by two statements, however many there are
+    # (a statement is a round trip to the server; a batch may hold a thousand). The
+    # fence locks each workflow's row: the first statement updates the workflows to
+    # mark running or finished (the UPDATE locks them), the second locks the others it
+    # writes steps for (FOR SHARE). A takeover committed since a statement began is
+    # seen, one under way is waited for, and none commits before this transaction.
+    # Each workflow is fenced on its own: those no longer held here write nothing.
+    _MARK = """
+        UPDATE durable_workflows w
+        SET state = v.state, result = v.result, error = v.error, updated_at = %s,
+            finished_at = v.finished
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[])
+             AS v(id, state, result, error, finished)
+        WHERE w.id = v.id AND w.owner = %s AND w.state IN ('pending', 'running')
+        RETURNING w.id"""
+    _STEP_UPSERT = _SqliteJournal._STEP_UPSERT
+    _PUT_STEPS = f"""
+        WITH fence AS (
+            SELECT id FROM durable_workflows
+            WHERE id = ANY(%s::text[]) AND owner = %s AND state IN ('pending', 'running')
+            FOR SHARE)
         INSERT INTO durable_steps ({_SqliteJournal.STEP_COLUMNS})
         SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[], %s::text[],
                              %s::integer[], %s::text[], %s::text[], %s::text[],
-                             %s::float8[], %s::float8[], %s::float8[])"""
-    _STEP_UPSERT = _SqliteJournal._STEP_UPSERT
-    _PUT_STEPS = f"{_STEP_ROWS} {_STEP_UPSERT}"
-    _PUT_STEPS_FENCED = f"""
-        WITH fence AS (
-            SELECT 1 FROM durable_workflows
-            WHERE id = %s AND owner = %s AND state IN ('pending', 'running') FOR SHARE)
-        {_STEP_ROWS} WHERE EXISTS (SELECT 1 FROM fence) {_STEP_UPSERT}"""
-
+                             %s::float8[], %s::float8[], %s::float8[])
+             AS v({_SqliteJournal.STEP_COLUMNS})
+        WHERE v.workflow_id IN (SELECT id FROM fence) OR v.workflow_id = ANY(%s::text[])
+        {_STEP_UPSERT}
+        RETURNING workflow_id"""
     def checkpoint(self, workflow_id: str, owner: str, rows: list[_Row],
                    outcome: _Outcome | None, touch: bool) -> bool:
         """Write step `rows` and the workflow's `outcome` (if any) only if `owner` holds
         the workflow unfinished; `touch` marks it running first. False, writing nothing,
         when it does not hold it."""
-        # One statement may not update a row twice: a step's last row stands for it,
-        # with its first row's name and start, as two upserts in turn would leave it.
-        latest = rows
-        if len(rows) > 1 and len({row[1] for row in rows}) < len(rows):
-            merged: dict[int, _Row] = {}
-            for row in rows:
-                first = merged.get(row[1])
-                merged[row[1]] = row if first is None else (
-                    *row[:2], first[2], *row[3:8], first[8], *row[9:])
-            latest = list(merged.values())
-        columns = [list(column) for column in zip(*latest, strict=True)] if latest else []
-        if outcome is None and not touch:  # the common case: one statement, fenced
-            return not latest or self._count(
-                self._PUT_STEPS_FENCED, (workflow_id, owner, *columns)) == len(latest)
+        return not self.checkpoints(owner, [(workflow_id, rows, outcome, touch)])
+
+    def checkpoints(self, owner: str, writes: list[tuple[str, list[_Row], _Outcome | None,
+                                                          bool]]) -> set[str]:
+        """`checkpoint` for each (workflow id, rows, outcome, touch), in order, in two
+        statements; returns the ids of the workflows `owner` does not hold (nothing of
+        theirs written)."""
         now = time.time()
-        fence = (self._count(self._FINISH, (*outcome, now, now, workflow_id, owner))
-                 if outcome is not None
-                 else self._count(self._TOUCH, (now, workflow_id, owner)))
-        if fence != 1:
-            return False
-        if latest:
-            self._count(self._PUT_STEPS, columns)
-        return True
+        marks: dict[str, tuple[str, str | None, str | None, float | None]] = {}
+        for workflow_id, _, outcome, touch in writes:
+            if outcome is not None:
+                marks[workflow_id] = (*outcome, now)
+            elif touch and workflow_id not in marks:
+                marks[workflow_id] = ("running", None, None, None)
+        marked: set[str] = set()
+        if marks:
+            columns = [list(column) for column in zip(*marks.values(), strict=True)]
+            marked = {row[0] for row in self._all(
+                self._MARK, (now, list(marks), *columns, owner))}
+        rows = _merged([row for _, written, _, _ in writes for row in written])
+        wrote: set[str] = set()
+        if rows:
+            fence = sorted({row[0] for row in rows} - set(marks))
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            wrote = {row[0] for row in self._all(
+                self._PUT_STEPS, (fence, owner, *columns, sorted(marked)))}
+        # Refused: a mark that did not match, or rows none of which were written (a
+        # workflow with nothing to write is not asked, as on SQLite).
+        return {workflow_id for workflow_id in (marks.keys() - marked)} | {
+            row[0] for row in rows if row[0] not in marks and row[0] not in wrote}
 
     # Reads of one workflow.
 
@@ -1549,6 +1570,17 @@ def _first_in_path(search_path: str) -> str:
         elif char == "," and not quoted:
             return search_path[:i].strip()
     return search_path.strip()
+
+
+def _merged(rows: list[_Row]) -> list[_Row]:
+    """Step rows with one row per step: its last, with its first row's name and start,
+    as upserts one after another leave it (a statement may not write a row twice)."""
+    merged: dict[tuple[str, int], _Row] = {}
+    for row in rows:
+        first = merged.get((row[0], row[1]))
+        merged[row[0], row[1]] = row if first is None else (
+            *row[:2], first[2], *row[3:8], first[8], *row[9:])
+    return list(merged.values()) if len(merged) < len(rows) else rows
 
 
 _Journal = _SqliteJournal | _PostgresJournal
@@ -1745,25 +1777,35 @@ class _Writer:
                     op.failed(error)
             return [(False, error)] * len(ops)
 
+    def _all(self, write: Callable[[_Journal, list[Any]], list[tuple[bool, Any]]],
+             ops: list[Any]) -> list[tuple[bool, Any]]:
+        """`write(journal, ops)`: several writes of one kind together."""
+        try:
+            return write(self.journal, ops)
+        except self.journal.failures:
+            raise  # the journal failed: the whole batch is rolled back
+        except Exception as exc:  # refused before writing
+            return [(False, exc)] * len(ops)
+
     def _try(self, ops: list[_Op]) -> list[tuple[bool, Any]]:
         """One attempt at committing `ops` in one transaction."""
         journal = self.journal
         outcomes: list[tuple[bool, Any]] = []
         with journal.transaction():
-            # run()'s inserts go first, all together: two statements for any number.
+            # run()'s inserts go first, all together: two statements for any number;
+            # the checkpoints all together too, where the first of them stands.
             inserts = [op for op in ops if isinstance(op, _Insert)]
-            together: list[tuple[bool, Any]] = []
+            checkpoints = [op for op in ops if isinstance(op, _Checkpoint)]
+            together: dict[int, tuple[bool, Any]] = {}
             if len(inserts) > 1:
-                try:
-                    together = _Insert.all(journal, inserts)
-                except journal.failures:
-                    raise
-                except Exception as exc:  # refused before writing
-                    together = [(False, exc)] * len(inserts)
-            inserted = iter(together)
+                together.update(zip(map(id, inserts), self._all(_Insert.all, inserts),
+                                    strict=True))
             for op in ops:
-                if len(inserts) > 1 and isinstance(op, _Insert):
-                    outcomes.append(next(inserted))
+                if len(checkpoints) > 1 and op is checkpoints[0]:
+                    together.update(zip(map(id, checkpoints),
+                                        self._all(_Checkpoint.all, checkpoints), strict=True))
+                if id(op) in together:
+                    outcomes.append(together.pop(id(op)))
                     continue
                 try:
                     outcomes.append((True, op(journal)))
@@ -2011,6 +2053,19 @@ class _Checkpoint:
         """In the writer thread, as the batch holding this write is rolled back."""
         if self.run.lost is None:
             self.run.lost = error
+
+    @staticmethod
+    def all(journal: _Journal, checkpoints: list[_Checkpoint]) -> list[tuple[bool, Any]]:
+        """Write `checkpoints` as if one after another (a store that groups them);
+        (ok, None or refusal) for each."""
+        live = [c for c in checkpoints if c.run.lost is None]
+        refused: set[str] = set()
+        for owner in dict.fromkeys(c.run.owner for c in live):
+            refused |= journal.checkpoints(owner, [(c.run.id, c.rows, c.outcome, c.touch)
+                                                   for c in live if c.run.owner == owner])
+        return [(False, _Interrupted(c.run.lost)) if c.run.lost is not None
+                else (False, _why_fenced(journal, c.run.id)) if c.run.id in refused
+                else (True, None) for c in checkpoints]
 
 
 # A WORKFLOW HERE: one object per workflow running in this process.
