@@ -198,11 +198,12 @@ def test_an_unreachable_server_is_a_clear_journal_error(db: str) -> None:
 # A lost connection.
 
 
-def test_connections_killed_by_the_server_are_opened_again_and_nothing_runs_twice(
-        db: str, rows: Any) -> None:
+def _steps_and_naps(url: str, count: int, nap: float, **settings: Any
+                    ) -> tuple[Durable, Any, list[int]]:
+    """A Durable with workflow `wf`: `count` steps n = 0, 1, ... (noted in the list as
+    they run), each followed by a durable sleep of `nap`; it returns their sum."""
     ran: list[int] = []
-    name = f"durable-{db.rsplit('%3D', 1)[1]}"  # this test's connections, and no others
-    dur = Durable(f"{db}&application_name={name}")
+    dur = Durable(url, **settings)
 
     def step(n: int) -> int:
         ran.append(n)
@@ -211,10 +212,18 @@ def test_connections_killed_by_the_server_are_opened_again_and_nothing_runs_twic
     @dur.register
     def wf(ctx):
         total = 0
-        for n in range(6):
+        for n in range(count):
             total += yield ctx.run(step, n)
-            yield ctx.sleep(0.05)
+            yield ctx.sleep(nap)
         return total
+
+    return dur, wf, ran
+
+
+def test_connections_killed_by_the_server_are_opened_again_and_nothing_runs_twice(
+        db: str, rows: Any) -> None:
+    name = f"durable-{db.rsplit('%3D', 1)[1]}"  # this test's connections, and no others
+    dur, wf, ran = _steps_and_naps(f"{db}&application_name={name}", 6, 0.05)
 
     async def main() -> Any:
         async with dur:
@@ -345,20 +354,7 @@ def test_an_outage_that_hides_a_commits_outcome_stops_nothing_for_good(
     # finishes. (The writer thread once died here, and every later write hung.)
     proxy = CuttingProxy(5432)
     url = db.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/")
-    ran: list[int] = []
-    dur = Durable(url, lease=1.0, busy_timeout=0.5)
-
-    def step(n: int) -> int:
-        ran.append(n)
-        return n
-
-    @dur.register
-    def wf(ctx):
-        total = 0
-        for n in range(4):
-            total += yield ctx.run(step, n)
-            yield ctx.sleep(0.1)
-        return total
+    dur, wf, ran = _steps_and_naps(url, 4, 0.1, lease=1.0, busy_timeout=0.5)
 
     async def main() -> Any:
         async with dur:
