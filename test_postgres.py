@@ -182,6 +182,11 @@ def test_without_psycopg_a_postgres_url_says_what_to_install_and_sqlite_never_im
                                    'pip install "psycopg[binary]"')
 
 
+def test_a_url_of_another_database_is_refused_at_construction() -> None:
+    with pytest.raises(durable.InvalidInput, match="a file path or a postgresql:// URL"):
+        Durable("mysql://app@db.internal/orders")
+
+
 def test_a_password_in_the_url_is_not_shown() -> None:
     dur = Durable("postgresql://app:s3cret@db.internal:5432/orders")
     assert "s3cret" not in repr(dur) and "app:***@db.internal" in repr(dur)
