@@ -125,7 +125,7 @@ class PostgresLedger:
         import psycopg
         self.conn = psycopg.connect(url, autocommit=True)
 
-    def execute(self, sql: str, params: Any = ()) -> Any:
+    def execute(self, sql: str, params: Any = None) -> Any:
         return self.conn.execute(sql.replace("?", "%s"), params)
 
     def executemany(self, sql: str, rows: Any) -> None:
@@ -167,6 +167,12 @@ def providers(*, write: bool = True) -> Iterator[Any]:
 def setup_providers() -> None:
     if ON_POSTGRES:
         with providers() as conn:  # under the ledger's lock: workers starting at once
+            # The URL's search_path may name a schema durable.py has not made yet.
+            conn.execute("""DO $$ BEGIN
+                IF current_schema() IS NULL THEN
+                    EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', (parse_ident(
+                        btrim(split_part(current_setting('search_path'), ',', 1))))[1]);
+                END IF; END $$""")
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
             conn.executemany("INSERT INTO stock (sku, available) VALUES (?, ?) "

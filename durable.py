@@ -501,14 +501,26 @@ def _is_url(target: str) -> bool:
 
 
 def _redacted(target: str) -> str:
-    """The journal's name for messages: a URL without its password."""
+    """The journal's name for messages: a URL without its password (before the host
+    or as a parameter)."""
     if not _is_url(target):
         return target
     scheme, _, rest = target.partition("://")
-    userinfo, at, host = rest.rpartition("@")
+    place, question, query = rest.partition("?")
+    userinfo, at, host = place.rpartition("@")
     if at and ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}://{userinfo}{at}{host}"
+    query = "&".join("password=***" if part.lower().startswith("password=") else part
+                     for part in query.split("&"))
+    return f"{scheme}://{userinfo}{at}{host}{question}{query}"
+
+
+def _looks_like_a_dsn(target: str) -> bool:
+    """Whether `target` is a libpq "key=value" connection string, not a file name."""
+    words = target.split()
+    return bool(words) and all("=" in word for word in words) and any(
+        word.split("=", 1)[0] in ("host", "hostaddr", "dbname", "user", "port", "service")
+        for word in words)
 
 
 def _check_version(where: str, version: int, known: int) -> None:
@@ -1082,7 +1094,7 @@ class _PostgresJournal:
     ADVICE: ClassVar[dict[str, str]] = {
         "08": "the server cannot be reached or dropped the connection; check that it runs "
               "and that the URL's host and port are right",
-        "28": "the server refused the URL's user or password",
+        "28": "the server refused the URL's user or password, or knows no such user",
         "3D000": "the database the URL names does not exist; create it",
         "42501": "the URL's user may not create or write durable.py's tables",
         "53": "the server is out of disk space, memory or connections",
@@ -1209,12 +1221,17 @@ class _PostgresJournal:
 
     def error(self, what: str, exc: Exception) -> JournalError:
         """A JournalError for `exc`, one of `failures`, with what to do about it."""
-        code = getattr(exc, "sqlstate", None) or (
-            "08" if isinstance(exc, self._psycopg.OperationalError) else "")
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        code = getattr(exc, "sqlstate", None) or ""
+        if not code and isinstance(exc, self._psycopg.OperationalError):
+            # Refused while connecting: no SQLSTATE reaches the client, only the text.
+            code = ("3D000" if "database" in text and "does not exist" in text else
+                    "28" if "authentication" in text or "role" in text else
+                    "" if "invalid" in text else "08")
         advice = (self.ADVICE.get(code) or self.ADVICE.get(code[:3])
                   or self.ADVICE.get(code[:2]))
-        text = str(exc).strip().replace("\n", "; ")
-        return JournalError(f"{what}: {text}" + (f" ({advice})" if advice else ""))
+        return JournalError(f"{what}: {_redacted(text) if _is_url(text) else text}"
+                            + (f" ({advice})" if advice else ""))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -2921,7 +2938,7 @@ class Durable:
                  lease: float = 30.0) -> None:
         self.path = os.fspath(path)
         if not self.path or self.path == ":memory:" or self.path.startswith("file:") or (
-                "://" in self.path and not _is_url(self.path)):
+                "://" in self.path and not _is_url(self.path)) or _looks_like_a_dsn(self.path):
             raise InvalidInput(f"the journal must be a file path or a postgresql:// URL, "
                                f"not {_redacted(self.path)!r}")
         if synchronous not in ("FULL", "NORMAL"):

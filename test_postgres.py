@@ -182,14 +182,20 @@ def test_without_psycopg_a_postgres_url_says_what_to_install_and_sqlite_never_im
                                    'pip install "psycopg[binary]"')
 
 
-def test_a_url_of_another_database_is_refused_at_construction() -> None:
+@pytest.mark.parametrize("target", [
+    "mysql://app@db.internal/orders", "host=db.internal dbname=orders user=app"])
+def test_a_url_of_another_database_or_a_libpq_string_is_refused_at_construction(
+        target: str) -> None:
+    # Not taken for the name of an SQLite file, which would quietly be made here.
     with pytest.raises(durable.InvalidInput, match="a file path or a postgresql:// URL"):
-        Durable("mysql://app@db.internal/orders")
+        Durable(target)
 
 
 def test_a_password_in_the_url_is_not_shown() -> None:
     dur = Durable("postgresql://app:s3cret@db.internal:5432/orders")
     assert "s3cret" not in repr(dur) and "app:***@db.internal" in repr(dur)
+    dur = Durable("postgresql://app@db.internal/orders?password=s3cret&sslmode=require")
+    assert "s3cret" not in repr(dur) and "?password=***&sslmode=require" in repr(dur)
 
 
 def test_an_unreachable_server_is_a_clear_journal_error(db: str) -> None:
@@ -198,6 +204,8 @@ def test_an_unreachable_server_is_a_clear_journal_error(db: str) -> None:
         port = s.getsockname()[1]  # nobody listens here
     with pytest.raises(JournalError, match=r"cannot use journal .*server cannot be reached"):
         asyncio.run(Durable(f"postgresql://postgres@127.0.0.1:{port}/postgres").open())
+    with pytest.raises(JournalError, match=r'database "no_such_db" does not exist \(the data'):
+        asyncio.run(Durable(db.replace("/postgres?", "/no_such_db?")).open())
 
 
 # A lost connection.
@@ -495,3 +503,19 @@ def test_schemas_with_odd_names_are_created_as_postgresql_names_them(
                             "WHERE table_schema = ?", (named,)) == [(4,)]
         finally:
             rows(db, f'DROP SCHEMA IF EXISTS "{named}" CASCADE')
+
+
+def test_the_order_service_starts_on_a_schema_that_does_not_exist_yet(
+        db: str, rows: Any, tmp_path: Path, service_class: Any, order: Any) -> None:
+    # Its fake providers make their tables before durable.py opens the journal: the
+    # schema the URL names is made for them first.
+    schema = "new_" + db.rsplit("%3D", 1)[1]
+    service = service_class(tmp_path, db.replace("%3Dt_", "%3Dnew_t_"))
+    try:
+        service.start()
+        assert service.post(order).status_code == 202
+        assert service.finished("ord_1001")["status"] == "done"
+        assert len(service.charges()) == 1
+    finally:
+        service.stop()
+        rows(db, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
