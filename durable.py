@@ -30,7 +30,7 @@ system, so a re-run after a crash does not repeat the effect. Several processes 
 share one journal: each holds its workflows under a lease, and takes over those of
 a process that died. From a shell:
 
-    python durable.py orders.db list|show ID|retry ID|cancel ID|prune 7d [--json]
+    python durable.py orders.db list|show ID|retry ID|cancel ID|send ID NAME JSON|prune 7d [--json]
 
 How it runs
 -----------
@@ -107,6 +107,7 @@ __all__ = [
     "NonDeterminismError",
     "NotFound",
     "Permanent",
+    "ReceiveTimeout",
     "RetryPolicy",
     "Status",
     "StepFailed",
@@ -125,6 +126,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _APPLICATION_ID = 0x44757261  # "Dura" in the SQLite file header: this file is a journal.
 _MAX_ID_LENGTH = 255
 _MAX_BATCH = 1024  # most writes committed together in one transaction
+_MAIL_POLL = 0.5  # seconds between looks for values sent by other processes
+_FOREVER = 10.0 ** 9  # a wait with no deadline, in seconds
 _UNFINISHED = ("pending", "running")
 _FINISHED = ("done", "failed", "cancelled")
 
@@ -167,6 +170,11 @@ class NonDeterminismError(DurableError):
 
 class WorkflowCancelled(DurableError):
     """The workflow was cancelled."""
+
+
+class ReceiveTimeout(DurableError):
+    """Raised in a workflow by ``ctx.receive(name, timeout=...)`` when nothing was sent
+    under `name` by its deadline. The workflow may catch it."""
 
 
 class StepFailed(DurableError):
@@ -401,6 +409,17 @@ def _check_id(workflow_id: object) -> None:
         raise InvalidInput(f"a workflow id must not contain NUL, as {workflow_id!r} does")
 
 
+def _check_name(name: object, what: str) -> None:
+    if not isinstance(name, str) or not name or len(name) > _MAX_ID_LENGTH \
+            or "\x00" in name:
+        raise InvalidInput(f"{what} must be a non-empty string of at most {_MAX_ID_LENGTH} "
+                           f"characters without NUL, not {name!r}")
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} must be valid Unicode, not {name!r}") from None
+
+
 def _name_of(fn: Callable[..., Any]) -> str:
     # "Order.charge" for a method, "charge" for a function defined inside another.
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
@@ -588,6 +607,16 @@ class _SqliteJournal:
             """CREATE TABLE owners (
                 id          TEXT PRIMARY KEY,
                 expires_at  REAL NOT NULL
+            ) WITHOUT ROWID""",
+        ),
+        (
+            # Values sent to workflows (dur.send), one per name, kept with the workflow.
+            """CREATE TABLE messages (
+                workflow_id TEXT NOT NULL REFERENCES workflows (id) ON DELETE CASCADE,
+                name        TEXT NOT NULL,
+                value       TEXT NOT NULL,
+                sent_at     REAL NOT NULL,
+                PRIMARY KEY (workflow_id, name)
             ) WITHOUT ROWID""",
         ),
     )
@@ -862,6 +891,29 @@ class _SqliteJournal:
         return {workflow_id for workflow_id, rows, outcome, touch in writes
                 if not self.checkpoint(workflow_id, owner, rows, outcome, touch)}
 
+    # Messages: dur.send's values, and what a waiting receive looks for.
+
+    _SEND = """
+        INSERT INTO messages (workflow_id, name, value, sent_at) VALUES (?, ?, ?, ?)
+        ON CONFLICT (workflow_id, name) DO NOTHING"""
+    _MESSAGE = "SELECT value FROM messages WHERE workflow_id = ? AND name = ?"
+    _MESSAGES_FOR = """
+        SELECT m.workflow_id, m.name, m.value FROM json_each(?) w
+        JOIN messages m ON m.workflow_id = json_extract(w.value, '$[0]')
+                       AND m.name = json_extract(w.value, '$[1]')"""
+
+    def send(self, workflow_id: str, name: str, text: str, now: float) -> bool:
+        """Record `text` under `name` for the workflow; False if a value is there."""
+        return bool(self._conn.execute(self._SEND, (workflow_id, name, text, now)).rowcount)
+
+    def message(self, workflow_id: str, name: str) -> str | None:
+        row = self._conn.execute(self._MESSAGE, (workflow_id, name)).fetchone()
+        return None if row is None else str(row[0])
+
+    def messages_for(self, wanted: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+        """The values sent under each (workflow id, name) wanted, where there is one."""
+        return self._conn.execute(self._MESSAGES_FOR, (_dumps(wanted),)).fetchall()
+
     # Reads of one workflow.
 
     _OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
@@ -1085,6 +1137,15 @@ class _PostgresJournal:
             """CREATE TABLE durable_owners (
                 id          text PRIMARY KEY,
                 expires_at  double precision NOT NULL
+            )""",
+        ),
+        (
+            """CREATE TABLE durable_messages (
+                workflow_id text NOT NULL REFERENCES durable_workflows (id) ON DELETE CASCADE,
+                name        text NOT NULL,
+                value       text NOT NULL,
+                sent_at     double precision NOT NULL,
+                PRIMARY KEY (workflow_id, name)
             )""",
         ),
     )
@@ -1412,6 +1473,30 @@ class _PostgresJournal:
         return {workflow_id for workflow_id in (marks.keys() - marked)} | {
             row[0] for row in rows if row[0] not in marks and row[0] not in wrote}
 
+    # Messages: dur.send's values, and what a waiting receive looks for.
+
+    _SEND = """
+        INSERT INTO durable_messages (workflow_id, name, value, sent_at)
+        VALUES (%s, %s, %s, %s) ON CONFLICT (workflow_id, name) DO NOTHING"""
+    _MESSAGE = "SELECT value FROM durable_messages WHERE workflow_id = %s AND name = %s"
+    _MESSAGES_FOR = """
+        SELECT m.workflow_id, m.name, m.value
+        FROM unnest(%s::text[], %s::text[]) AS w(id, name)
+        JOIN durable_messages m ON m.workflow_id = w.id AND m.name = w.name"""
+
+    def send(self, workflow_id: str, name: str, text: str, now: float) -> bool:
+        """Record `text` under `name` for the workflow; False if a value is there."""
+        return bool(self._count(self._SEND, (workflow_id, name, text, now)))
+
+    def message(self, workflow_id: str, name: str) -> str | None:
+        row = self._one(self._MESSAGE, (workflow_id, name))
+        return None if row is None else str(row[0])
+
+    def messages_for(self, wanted: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+        """The values sent under each (workflow id, name) wanted, where there is one."""
+        ids, names = [w[0] for w in wanted], [w[1] for w in wanted]
+        return [tuple(row) for row in self._all(self._MESSAGES_FOR, (ids, names))]
+
     # Reads of one workflow.
 
     _OUTCOME = "SELECT state, result, error FROM durable_workflows WHERE id = %s"
@@ -1649,6 +1734,26 @@ def _cancel(journal: _Journal, workflow_id: str) -> bool:
         return False
     error = _dumps({"type": "WorkflowCancelled", "message": "cancelled by request"})
     return journal.cancel(workflow_id, error, time.time())
+
+
+def _send(journal: _Journal, workflow_id: str, name: str, text: str) -> bool:
+    """In a write transaction: record `text` (JSON) under `name` for the workflow.
+    False when that very value is there already (a retried webhook); another value
+    there raises IdempotencyConflict; a finished workflow, InvalidInput."""
+    row = journal.state(workflow_id, lock=True)
+    if row is None:
+        raise NotFound(f"no workflow has id {workflow_id!r}")
+    if row[0] in _FINISHED:
+        raise InvalidInput(f"workflow {workflow_id!r} is {row[0]}; nothing can be sent to "
+                           "it any more")
+    if journal.send(workflow_id, name, text, time.time()):
+        return True
+    known = journal.message(workflow_id, name)
+    if known is not None and _loads(known, workflow_id) == _loads(text):
+        return False
+    raise IdempotencyConflict(
+        f"workflow {workflow_id!r} already has another value under {name!r} (one value "
+        f"per name): {known}")
 
 
 def _retry(journal: _Journal, workflow_id: str) -> int:
@@ -2109,7 +2214,8 @@ class _Run:
       going on with it while the loop waits for that thread: one place at a time):
       journal, seq, pending, touched;
     - the event loop only: gen (a step thread reads it), task, inflight, flush_due,
-      napping, waiters, outcome, steps_due, threads;
+      napping, waiters, outcome, steps_due, threads, expecting (the name a receive
+      waits for) and mail (the value sent under it, handed over by send or the poll);
     - stop: the loop (cancel, close, a fence seen by the maintenance tick) or the
       workflow's code (a write failed, the code no longer matches its journal);
       read anywhere;
@@ -2118,10 +2224,10 @@ class _Run:
     - new: the step thread that commits run()'s insert (Durable._run_at_once).
     """
 
-    __slots__ = ("durable", "flush_due", "gen", "id", "inflight", "journal",
-                 "lost", "napping", "new", "outcome", "owner", "pending", "retry", "seq",
-                 "steps_due", "stop", "task", "text", "threads", "touched", "vars", "waiters",
-                 "workflow")
+    __slots__ = ("durable", "expecting", "flush_due", "gen", "id", "inflight", "journal",
+                 "lost", "mail", "napping", "new", "outcome", "owner", "pending", "retry",
+                 "seq", "steps_due", "stop", "task", "text", "threads", "touched", "vars",
+                 "waiters", "workflow")
 
     def __init__(self, durable: Durable, workflow: _Workflow, workflow_id: str, text: str,
                  journal: dict[int, _JournaledStep]) -> None:
@@ -2144,6 +2250,8 @@ class _Run:
         self.inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self.flush_due = False
         self.napping: asyncio.Future[None] | None = None
+        self.expecting: str | None = None
+        self.mail: str | None = None
         self.waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
         self.outcome: _Outcome | None = None  # committed when the workflow ended here
         self.steps_due = 0  # step threads' outcomes awaited (close() lets them arrive)
@@ -2283,7 +2391,8 @@ class _Replayed:
 _Verdict = tuple[Literal["done", "retry", "failed"], _Row, Any]
 
 
-def _next(run: _Run, call: _StepCall | _SleepCall) -> tuple[int, _JournaledStep | None]:
+def _next(run: _Run, call: _StepCall | _SleepCall | _ReceiveCall
+          ) -> tuple[int, _JournaledStep | None]:
     """The call's position, and its record from before this (re)start, if any."""
     if call.run is not run:
         raise InvalidInput("a step made by another workflow's ctx was awaited here")
@@ -2567,6 +2676,8 @@ async def _execute(run: _Run, call: _Call, began: _Handback | None = None) -> An
     `began`: a step thread already began this step and ran an attempt."""
     if isinstance(call, _SleepCall):
         return await _sleep(run, call)
+    if isinstance(call, _ReceiveCall):
+        return await _receive(run, call)
     assert isinstance(call, _StepCall)
     if began is not None:
         assert began.step is not None
@@ -2700,6 +2811,44 @@ async def _sleep(run: _Run, call: _SleepCall) -> None:
     run.defer((run.id, seq, call.name, "done", 1, _dumps(wake), None, None, done, done, done))
 
 
+async def _receive(run: _Run, call: _ReceiveCall) -> Any:
+    """Wait for the value sent under the call's name: journaled when the wait begins
+    (a checkpoint, with its deadline), and when it ends (the value, or the timeout,
+    with the next checkpoint). While it waits the workflow holds no thread; send (in
+    this process) or the mail poll (another's send) hands the value over."""
+    seq, recorded = _next(run, call)
+    if recorded is not None and recorded.state != "running":
+        if recorded.state == "done":
+            return _loads(recorded.result, run.id)
+        raise ReceiveTimeout((_loads(recorded.error, run.id) or {}).get("message", ""))
+    if recorded is not None:
+        since = recorded.updated_at
+        until = (_loads(recorded.result, run.id) or {}).get("until")
+    else:
+        since = time.time()
+        until = None if call.timeout is None else since + call.timeout
+        await run.write([(run.id, seq, call.name, "running", 1, _dumps({"until": until}),
+                          None, None, since, since, None)])
+    text = await run.durable._query(lambda journal: journal.message(run.id, call.message))
+    while text is None:
+        left = _FOREVER if until is None else until - time.time()
+        if left <= 0:
+            now, message = time.time(), (f"nothing was sent under {call.message!r} within "
+                                         f"{call.timeout}s")
+            run.defer((run.id, seq, call.name, "failed", 1, None,
+                       _dumps({"type": "ReceiveTimeout", "message": message}), None, since,
+                       now, now))
+            raise ReceiveTimeout(message)
+        run.expecting, run.mail = call.message, None
+        try:
+            await run.nap(left)
+        finally:
+            run.expecting, text, run.mail = None, run.mail, None
+    now = time.time()
+    run.defer((run.id, seq, call.name, "done", 1, text, None, None, since, now, now))
+    return _loads(text, run.id)
+
+
 async def _drive(run: _Run, gen: Generator[Any, Any, Any],
                  started: asyncio.Future[_Handback | None] | None = None) -> Any:
     """The loop's driver for a generator workflow: each yielded call runs, and its
@@ -2710,7 +2859,7 @@ async def _drive(run: _Run, gen: Generator[Any, Any, Any],
     _drive returns _NOT_STARTED."""
     run.gen = gen
     value: Any = None
-    failure: StepFailed | None = None
+    failure: StepFailed | ReceiveTimeout | None = None
     back: _Handback | None = None
     try:
         if started is not None:
@@ -2746,7 +2895,7 @@ async def _drive(run: _Run, gen: Generator[Any, Any, Any],
                                 "or ctx.sleep(seconds)")
             try:
                 result = await _execute(run, call, began)
-            except StepFailed as exc:
+            except (StepFailed, ReceiveTimeout) as exc:  # thrown into the workflow
                 failure = exc
             else:
                 if isinstance(result, _Handback):
@@ -2811,6 +2960,21 @@ class _SleepCall(_Call):
         self.seconds = float(seconds)
 
 
+class _ReceiveCall(_Call):
+    __slots__ = ("message", "name", "timeout")
+
+    def __init__(self, run: _Run, message: str, timeout: float | None) -> None:
+        _check_name(message, "a message name")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(
+                timeout, int | float) or not 0 <= timeout < float("inf")):
+            raise InvalidInput(f"ctx.receive() needs a timeout of seconds >= 0 or None, "
+                               f"not {timeout!r}")
+        super().__init__(run)
+        self.message = message
+        self.name = f"ctx.receive:{message}"  # its journal name: replay checks it
+        self.timeout = None if timeout is None else float(timeout)
+
+
 class _StepOptions:
     __slots__ = ("_name", "_retry", "_run")
 
@@ -2858,6 +3022,15 @@ class Context:
         journaled, so after a restart the workflow sleeps only what is left. A sleeping
         workflow holds no thread."""
         return _SleepCall(self._run, seconds)
+
+    def receive(self, name: str, *, timeout: float | None = None) -> _ReceiveCall:
+        """Wait for the value sent to this workflow under `name` (``await
+        dur.send(id, name, value)``) and return it: ``decision = yield
+        ctx.receive("approval", timeout=86_400)`` (or ``await``). Journaled: replay
+        returns the same value. It holds no thread and survives restarts; a value
+        sent before the workflow gets here waits for it. With `timeout` (seconds, its
+        deadline journaled) it raises ReceiveTimeout if nothing came by then."""
+        return _ReceiveCall(self._run, name, timeout)
 
 
 class Handle:
@@ -2976,6 +3149,7 @@ class Durable:
         self._timers: set[asyncio.TimerHandle] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._maintenance: asyncio.Task[None] | None = None
+        self._mail: asyncio.Task[None] | None = None
         self._closing = False
         self._host = socket.gethostname()
         self._owner = ""
@@ -3097,6 +3271,7 @@ class Durable:
             await self.close()  # leave nothing running behind a failed open
             raise
         self._maintenance = loop.create_task(self._maintain(), name="durable:maintenance")
+        self._mail = loop.create_task(self._poll_mail(), name="durable:mail")
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop running workflows (they stay unfinished in the journal and resume at the
@@ -3124,9 +3299,10 @@ class Durable:
         self._queued.clear()
         for timer in self._timers:
             timer.cancel()
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            await asyncio.gather(self._maintenance, return_exceptions=True)
+        for task in (self._maintenance, self._mail):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _close_stop_workflows(self, grace: float) -> None:
         """Phase 2: workflows in a sync step (or with its outcome on its way to them) go
@@ -3478,6 +3654,54 @@ class Durable:
 
     # Operating it.
 
+    async def send(self, id: str, name: str, value: Any) -> bool:
+        """Send `value` (JSON) to workflow `id` under `name`, for its ``ctx.receive(name)``:
+        committed before this returns, and the workflow woken if it waits (at once in
+        this process, within a second in another sharing the journal). A value sent
+        before the workflow receives it waits for it. One value per name: the same
+        value again returns False and changes nothing (a retried webhook), another
+        raises IdempotencyConflict. NotFound for an unknown id; InvalidInput, writing
+        nothing, for a finished workflow."""
+        _check_id(id)
+        _check_name(name, "a message name")
+        try:
+            text = _dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"the value sent under {name!r} must be JSON: {exc}") from None
+        sent = bool(await self._open_writer().submit(
+            lambda journal: _send(journal, id, name, text)))
+        run = self._runs.get(id)
+        if run is not None and run.expecting == name and run.napping is not None:
+            run.mail = text
+            _wake(run.napping)
+        return sent
+
+    async def _poll_mail(self) -> None:
+        """Hand the values other processes sent to the workflows here waiting for them."""
+        while True:
+            await asyncio.sleep(_MAIL_POLL)
+            waiting = {(run.id, run.expecting): run for run in self._runs.values()
+                       if run.expecting is not None}
+            if not waiting:
+                continue
+            wanted = list(waiting)
+
+            def look(journal: _Journal, wanted: list[tuple[str, str]] = wanted
+                     ) -> list[tuple[str, str, str]]:
+                return [row for start in range(0, len(wanted), 500)
+                        for row in journal.messages_for(wanted[start:start + 500])]
+
+            try:
+                found = await self._query(look)
+            except DurableError as exc:
+                _log.warning("could not look for values sent to waiting workflows (%s)", exc)
+                continue
+            for wf_id, name, text in found:
+                run = waiting[wf_id, name]
+                if run.expecting == name and run.napping is not None:
+                    run.mail = text
+                    _wake(run.napping)
+
     async def cancel(self, id: str) -> bool:
         """Cancel an unfinished workflow, in this process or another: no further step
         starts; a step running now finishes, but its result is not recorded and does
@@ -3645,7 +3869,7 @@ class Durable:
             self._retry_later(workflow_id, "its journal row was still locked")
 
 
-# COMMAND LINE: python durable.py JOURNAL list|show|retry|cancel|prune
+# COMMAND LINE: python durable.py JOURNAL list|show|retry|cancel|send|prune
 
 
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -3708,6 +3932,12 @@ def _where_now(status: Status) -> str:
         if last.state != "running":
             where = f"running: step {last.seq} {last.name!r} is {last.state}, the next one " \
                     "is starting"
+        elif last.name.startswith("ctx.receive:"):
+            until = (last.result or {}).get("until") if isinstance(last.result, dict) else None
+            where = (f"waiting in step {last.seq} for a value under "
+                     f"{last.name.partition(':')[2]!r} since {_utc(last.started_at)} UTC, "
+                     + (f"until {_utc(until)} UTC ({max(0.0, until - time.time()):.1f}s "
+                        "from now)" if until is not None else "with no time limit"))
         elif last.name == _SleepCall.name:
             where = f"sleeping in step {last.seq} until {_utc(last.result)} UTC " \
                     f"({max(0.0, last.result - time.time()):.1f}s from now)"
@@ -3753,6 +3983,12 @@ def _show(status: Status) -> str:
                          _error_text(failure.get("error"))])
     if status.steps:
         lines += ["", _table(rows)]
+    received = [_printable(f"  step {step.seq}: {step.name.partition(':')[2]!r} = "
+                           f"{_ENCODE(step.result)}")
+                for step in status.steps
+                if step.name.startswith("ctx.receive:") and step.state == "done"]
+    if received:
+        lines += ["", "  received", *received]
     lines += ["", f"  now: {_where_now(status)}"]
     return "\n".join(lines)
 
@@ -3784,15 +4020,28 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
     retry.add_argument("id")
     cancel = commands.add_parser("cancel", help="cancel an unfinished workflow")
     cancel.add_argument("id")
+    send = commands.add_parser("send", help="send a JSON value to a workflow's ctx.receive(NAME)")
+    send.add_argument("id")
+    send.add_argument("name")
+    send.add_argument("value", metavar="JSON")
     prune = commands.add_parser("prune", help="delete workflows finished longer ago than AGE")
     prune.add_argument("age", help="like 7d, 12h, 30m or 90s")
-    for sub in (listing, show, retry, cancel, prune):
+    for sub in (listing, show, retry, cancel, send, prune):
         sub.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     if args.command == "prune":
         try:
             age = _age(args.age)
         except ValueError as exc:
+            parser.error(str(exc))
+    if args.command == "send":
+        try:
+            _check_name(args.name, "a message name")
+            text = _dumps(_loads(args.value))
+        except UnreadableRecord:
+            parser.error(f"the value must be JSON, like '{{\"approved\": true}}' or '42', "
+                         f"not {args.value!r}")
+        except InvalidInput as exc:
             parser.error(str(exc))
 
     try:
@@ -3821,6 +4070,14 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
             output = {"id": args.id, "cancelled": cancelled}
             text = f"cancelled workflow {args.id!r}" if cancelled else \
                 f"workflow {args.id!r} had finished already; nothing to cancel"
+        elif args.command == "send":
+            with journal.transaction():
+                sent = _send(journal, args.id, args.name, text)
+            output = {"id": args.id, "name": args.name, "sent": sent}
+            text = (f"sent to workflow {args.id!r} under {args.name!r}; a service holding "
+                    "it hands the value over within a second" if sent else
+                    f"workflow {args.id!r} has this very value under {args.name!r} already; "
+                    "nothing changed")
         elif args.command == "retry":
             with journal.transaction():
                 seq = _retry(journal, args.id)

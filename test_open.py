@@ -57,7 +57,7 @@ def assert_is_a_journal(path: Path) -> None:
         assert conn.execute("PRAGMA application_id").fetchone() == (durable._APPLICATION_ID,)
         tables = {name for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {"workflows", "steps", "owners"}
+        assert tables == {"workflows", "steps", "owners", "messages"}
     conn.close()
 
 

@@ -107,7 +107,8 @@ def test_four_processes_opening_an_empty_database_at_once_all_succeed(db: str,
              for _ in range(4)]
     errors = [proc.communicate(timeout=60)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 4, errors
-    assert rows(db, "SELECT version FROM durable_schema") == [(1,)]
+    assert rows(db, "SELECT version FROM durable_schema") == [
+        (len(durable._PostgresJournal.MIGRATIONS),)]
 
 
 def test_a_search_path_schema_that_does_not_exist_is_created(db: str, rows: Any) -> None:
@@ -122,7 +123,7 @@ def test_a_search_path_schema_that_does_not_exist_is_created(db: str, rows: Any)
         asyncio.run(main())
         assert rows(db, "SELECT table_name FROM information_schema.tables "
                         "WHERE table_schema = ? ORDER BY 1", (schema,)) == [
-            ("durable_owners",), ("durable_schema",), ("durable_steps",),
+            ("durable_messages",), ("durable_owners",), ("durable_schema",), ("durable_steps",),
             ("durable_workflows",)]
     finally:
         rows(db, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
@@ -500,7 +501,7 @@ def test_schemas_with_odd_names_are_created_as_postgresql_names_them(
         try:
             asyncio.run(main())
             assert rows(db, "SELECT count(*) FROM information_schema.tables "
-                            "WHERE table_schema = ?", (named,)) == [(4,)]
+                            "WHERE table_schema = ?", (named,)) == [(5,)]
         finally:
             rows(db, f'DROP SCHEMA IF EXISTS "{named}" CASCADE')
 
