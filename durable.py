@@ -2215,7 +2215,8 @@ class _Run:
       journal, seq, pending, touched;
     - the event loop only: gen (a step thread reads it), task, inflight, flush_due,
       napping, waiters, outcome, steps_due, threads, expecting (the name a receive
-      waits for) and mail (the value sent under it, handed over by send or the poll);
+      waits for), mail (the value sent under it, handed over by send or the poll) and
+      fanout (ctx.all calls under way);
     - stop: the loop (cancel, close, a fence seen by the maintenance tick) or the
       workflow's code (a write failed, the code no longer matches its journal);
       read anywhere;
@@ -2224,7 +2225,8 @@ class _Run:
     - new: the step thread that commits run()'s insert (Durable._run_at_once).
     """
 
-    __slots__ = ("durable", "expecting", "flush_due", "gen", "id", "inflight", "journal",
+    __slots__ = ("durable", "expecting", "fanout", "flush_due", "gen", "id", "inflight",
+                 "journal",
                  "lost", "mail", "napping", "new", "outcome", "owner", "pending", "retry",
                  "seq", "steps_due", "stop", "task", "text", "threads", "touched", "vars",
                  "waiters", "workflow")
@@ -2252,6 +2254,7 @@ class _Run:
         self.napping: asyncio.Future[None] | None = None
         self.expecting: str | None = None
         self.mail: str | None = None
+        self.fanout = 0  # ctx.all calls under way: their calls run side by side
         self.waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
         self.outcome: _Outcome | None = None  # committed when the workflow ended here
         self.steps_due = 0  # step threads' outcomes awaited (close() lets them arrive)
@@ -2348,7 +2351,8 @@ class _Run:
         self.flush_due = False
         # Not while a step thread may be going on with the workflow: the rows deferred
         # here went with that step's checkpoint, and what is pending now is the thread's.
-        if self.pending and self.stop is None and not (self.gen is not None and self.steps_due):
+        if self.pending and self.stop is None and (
+                self.fanout or not (self.gen is not None and self.steps_due)):
             future = self.durable._open_writer().submit(_Checkpoint(self, []))
             future.add_done_callback(_retrieve)
             self.inflight.append(future)
@@ -2678,6 +2682,8 @@ async def _execute(run: _Run, call: _Call, began: _Handback | None = None) -> An
         return await _sleep(run, call)
     if isinstance(call, _ReceiveCall):
         return await _receive(run, call)
+    if isinstance(call, _AllCall):
+        return await _all(run, call)
     assert isinstance(call, _StepCall)
     if began is not None:
         assert began.step is not None
@@ -2723,7 +2729,9 @@ async def _attempt(run: _Run, step: _Step, begin: _Row) -> tuple[bool, Any]:
     one trip from the event loop instead of two. With more workflows running than
     there are threads, the checkpoint goes to the writer thread from the loop."""
     call = step.call
-    if run.inflight or call.is_async or not run.durable._threads_checkpoint():
+    if run.inflight or call.is_async or run.fanout or not run.durable._threads_checkpoint():
+        # In a ctx.all, from the loop too: its calls' checkpoints queue together and
+        # share commits, and no step thread goes on with the workflow.
         await run.write([begin])
         return await _invoke(run, call)
     run.check_writable()
@@ -2847,6 +2855,35 @@ async def _receive(run: _Run, call: _ReceiveCall) -> Any:
     now = time.time()
     run.defer((run.id, seq, call.name, "done", 1, text, None, None, since, now, now))
     return _loads(text, run.id)
+
+
+async def _all(run: _Run, call: _AllCall) -> list[Any]:
+    """Run the calls of a ctx.all side by side; their results in argument order, or,
+    once every call has settled, the first failure in argument order. Each call takes
+    its place in the journal in argument order, as it starts: replay finds it there,
+    whatever order the calls finished in. Each finished call's row is committed as it
+    finishes (sharing commits with its siblings'), so a sibling's failure or the
+    process's death runs none of them again."""
+
+    async def settle(one: _Call) -> tuple[bool, Any]:
+        try:
+            return True, await _execute(run, one)
+        except BaseException as exc:  # kept for its turn: the first in argument order
+            return False, exc
+
+    run.fanout += 1
+    try:
+        # Tasks start in the order made, and each takes its place before it awaits.
+        outcomes = await asyncio.gather(*(settle(one) for one in call.calls))
+    finally:
+        run.fanout -= 1
+    for ok, value in outcomes:  # a stop (cancel, close, fence) first
+        if not ok and not isinstance(value, Exception):
+            raise value
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    return [value for _, value in outcomes]
 
 
 async def _drive(run: _Run, gen: Generator[Any, Any, Any],
@@ -2975,6 +3012,19 @@ class _ReceiveCall(_Call):
         self.timeout = None if timeout is None else float(timeout)
 
 
+class _AllCall(_Call):
+    __slots__ = ("calls",)
+    name = "ctx.all"
+
+    def __init__(self, run: _Run, calls: tuple[Any, ...]) -> None:
+        for one in calls:
+            if not isinstance(one, _Call) or one.run is not run:
+                raise InvalidInput(f"ctx.all() takes calls made by this workflow's ctx "
+                                   f"(ctx.run, ctx.sleep, ctx.receive, ctx.all), not {one!r}")
+        super().__init__(run)
+        self.calls = calls
+
+
 class _StepOptions:
     __slots__ = ("_name", "_retry", "_run")
 
@@ -3022,6 +3072,15 @@ class Context:
         journaled, so after a restart the workflow sleeps only what is left. A sleeping
         workflow holds no thread."""
         return _SleepCall(self._run, seconds)
+
+    def all(self, *calls: _Call) -> _AllCall:
+        """Run `calls` (steps, sleeps, receives, other alls) side by side and return
+        their results in argument order: ``a, b = yield ctx.all(ctx.run(refund),
+        ctx.run(notify))`` (or ``await``). Sync steps run in parallel threads (up to
+        max_threads), async ones concurrently. Finished calls are recorded and never
+        run again, even when a sibling fails or the process dies; if any fails, all
+        raises the first failure in argument order once every call has settled."""
+        return _AllCall(self._run, calls)
 
     def receive(self, name: str, *, timeout: float | None = None) -> _ReceiveCall:
         """Wait for the value sent to this workflow under `name` (``await
