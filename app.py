@@ -39,6 +39,7 @@ from durable import (
     JournalError,
     NotFound,
     Permanent,
+    ReceiveTimeout,
     Status,
     StepFailed,
     UnreadableRecord,
@@ -61,6 +62,8 @@ MAX_RUNNING = int(os.environ.get("MAX_RUNNING", "8"))
 # Seconds a service holds its orders without renewing; another machine takes them over
 # when it runs out (on this machine, a dead service's orders are taken at once).
 LEASE = float(os.environ.get("DURABLE_LEASE", "30"))
+# Seconds a refund waits for a person's decision before it ends declined (a day).
+REFUND_DECISION_TIMEOUT = float(os.environ.get("REFUND_DECISION_TIMEOUT", "86400"))
 # Test-only: the payment provider ignores idempotency keys, to show what they prevent.
 PAYMENT_KEYS = os.environ.get("PAYMENT_KEYS", "on") != "off"
 
@@ -326,6 +329,22 @@ def email_sent(order_id: str, key: str) -> bool:
     return sent is not None
 
 
+def notify_refund(order_id: str, amount: int, key: str) -> bool:
+    """Email the customer of `order_id` that `amount` was refunded (once per key)."""
+    with providers() as conn:
+        row = conn.execute("SELECT recipient FROM outbox WHERE order_id = ? AND key = ?",
+                           (order_id, f"{order_id}/confirm")).fetchone()
+        sent = row is not None and conn.execute(
+            "INSERT INTO outbox (key, order_id, recipient, subject, created_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (key, order_id, row[0], f"Order {order_id}: {dollars(amount)} refunded",
+             time.time())).rowcount
+    log.info("[notify_refund] order %s - %s", order_id,
+             f"refund notice sent to {row[0]}" if sent else
+             "refund notice already sent" if row else "no address on file")
+    return row is not None
+
+
 def confirm(order: dict[str, Any], amount: int, charge_id: str, key: str) -> bool:
     demo_switches("confirm", order["id"])
     email = order["customer"]["email"]
@@ -376,6 +395,24 @@ def process_order(ctx, order):
         sent = yield ctx.run(email_sent, order["id"], f"{ctx.id}/confirm")
     return {"orderId": order["id"], "inventoryReserved": True, "paymentCharged": True,
             "confirmationSent": sent, "total": total, "chargeId": charge_id}
+
+
+# A refund waits for a person's decision (POST /orders/{id}/refund/decision), then
+# refunds the card and tells the customer at once, each by its own key.
+@dur.register
+def refund_order(ctx, order_id, amount):
+    try:
+        decision = yield ctx.receive("decision", timeout=REFUND_DECISION_TIMEOUT)
+    except ReceiveTimeout:
+        return {"orderId": order_id, "refunded": False,
+                "reason": f"no decision within {REFUND_DECISION_TIMEOUT:g}s"}
+    if not decision["approved"]:
+        return {"orderId": order_id, "refunded": False, "reason": decision.get("reason", "")}
+    refunded, notified = yield ctx.all(
+        ctx.run(refund, order_id, f"{order_id}/charge", amount),
+        ctx.run(notify_refund, order_id, amount, f"{ctx.id}/notify"))
+    return {"orderId": order_id, "refunded": refunded, "customerNotified": notified,
+            "amount": amount}
 
 
 # VALIDATION AT THE DOOR.
@@ -517,6 +554,88 @@ async def order_status(request: Request) -> JSONResponse:
         return error(500, f"order {order_id!r} cannot be shown: {why}")
 
 
+async def start_refund(request: Request) -> JSONResponse:
+    order_id = request.path_params["order_id"]
+    try:
+        order = await (await dur.get(order_id)).status()
+    except (NotFound, InvalidInput):
+        return error(404, f"no order has id {order_id!r}")
+    if order.state != "done" or not isinstance(order.result, dict):
+        return error(409, f"order {order_id!r} is {order.state}; only a paid order can be "
+                          "refunded")
+    handle = await dur.run(f"refund/{order_id}", refund_order, order_id,
+                           order.result["total"])
+    headers = {} if handle.created else {"Idempotent-Replayed": "true"}
+    return JSONResponse({"status": "accepted", "refundId": handle.id,
+                         "statusUrl": f"/orders/{order_id}/refund/status",
+                         "decisionUrl": f"/orders/{order_id}/refund/decision"},
+                        status_code=202, headers=headers)
+
+
+def validate_decision(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        decision = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, "body is not JSON"
+    if not isinstance(decision, dict) or not isinstance(decision.get("approved"), bool):
+        return None, 'a decision is {"approved": true} or {"approved": false, "reason": "..."}'
+    if set(decision) - {"approved", "reason"}:
+        extra = ", ".join(sorted(set(decision) - {"approved", "reason"}))
+        return None, f"unknown field(s): {extra}"
+    reason = decision.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 500:
+        return None, "field 'reason' must be a string of at most 500 characters"
+    return decision, None
+
+
+async def refund_decision(request: Request) -> JSONResponse:
+    order_id = request.path_params["order_id"]
+    if not _ORDER_ID.fullmatch(order_id):
+        return error(404, f"no refund is pending for order {order_id!r}")
+    body = await read_body(request)
+    if body is None:
+        return error(413, f"body is over {MAX_BODY // 1024} KiB")
+    decision, problem = validate_decision(body)
+    if decision is None:
+        return error(400, problem or "invalid decision")
+    refund_id = f"refund/{order_id}"
+    try:
+        sent = await dur.send(refund_id, "decision", decision)
+    except NotFound:
+        return error(404, f"no refund is pending for order {order_id!r}")
+    except InvalidInput:  # the refund has ended: its decision sent again, or too late
+        recorded = await recorded_decision(refund_id)
+        if recorded == decision:
+            sent = False
+        elif recorded is None:
+            return error(409, f"the refund of order {order_id!r} has ended without a decision")
+        else:
+            return JSONResponse({"error": "another decision is recorded for this refund",
+                                 "decision": recorded}, status_code=409)
+    except IdempotencyConflict:
+        return JSONResponse({"error": "another decision is recorded for this refund",
+                             "decision": await recorded_decision(refund_id)}, status_code=409)
+    headers = {} if sent else {"Idempotent-Replayed": "true"}
+    return JSONResponse({"status": "recorded",
+                         "statusUrl": f"/orders/{order_id}/refund/status"},
+                        status_code=202, headers=headers)
+
+
+async def recorded_decision(refund_id: str) -> Any:
+    """The decision the refund received, as journaled (None: none yet, or it timed out)."""
+    status = await (await dur.get(refund_id)).status()
+    return next((step.result for step in status.steps
+                 if step.name == "ctx.receive:decision" and step.state == "done"), None)
+
+
+async def refund_status(request: Request) -> JSONResponse:
+    try:
+        status = await (await dur.get(f"refund/{request.path_params['order_id']}")).status()
+    except (NotFound, InvalidInput):
+        return JSONResponse({"status": "not_found"}, status_code=404)
+    return status_answer(status)
+
+
 def status_answer(status: Status) -> JSONResponse:
     if status.state == "done":
         return JSONResponse({"status": "done", "result": status.result})
@@ -569,6 +688,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 routes = [
     Route("/orders", create_order, methods=["POST"]),
     Route("/orders/{order_id}/status", order_status, methods=["GET"]),
+    Route("/orders/{order_id}/refund", start_refund, methods=["POST"]),
+    Route("/orders/{order_id}/refund/decision", refund_decision, methods=["POST"]),
+    Route("/orders/{order_id}/refund/status", refund_status, methods=["GET"]),
     Route("/charges", list_charges, methods=["GET"]),
     Route("/inventory", list_stock, methods=["GET"]),
 ]

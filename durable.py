@@ -303,6 +303,8 @@ class Status:
     # The process holding it ("host|pid|start|nonce"), and when that one's lease ends.
     owner: str | None = None
     lease_expires_at: float | None = None
+    parent: str | None = None  # the workflow that started it with ctx.child, if one did
+    children: tuple[str, ...] = ()  # the workflows it started with ctx.child
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,6 +620,9 @@ class _SqliteJournal:
                 sent_at     REAL NOT NULL,
                 PRIMARY KEY (workflow_id, name)
             ) WITHOUT ROWID""",
+            # A child workflow's parent (ctx.child).
+            "ALTER TABLE workflows ADD COLUMN parent TEXT",
+            "CREATE INDEX workflows_parent ON workflows (parent) WHERE parent IS NOT NULL",
         ),
     )
 
@@ -914,13 +919,26 @@ class _SqliteJournal:
         """The values sent under each (workflow id, name) wanted, where there is one."""
         return self._conn.execute(self._MESSAGES_FOR, (_dumps(wanted),)).fetchall()
 
+    # Children (ctx.child).
+
+    _ADOPT = "UPDATE workflows SET parent = ? WHERE id = ? AND parent IS NULL"
+    _CHILDREN = "SELECT id, state FROM workflows WHERE parent = ? ORDER BY created_at, id"
+
+    def adopt(self, child: str, parent: str) -> None:
+        """Record `parent` as the parent of workflow `child`, unless it has one."""
+        self._conn.execute(self._ADOPT, (parent, child))
+
+    def children(self, workflow_id: str) -> list[tuple[str, str]]:
+        """(id, state) of the workflow's children, oldest first."""
+        return self._conn.execute(self._CHILDREN, (workflow_id,)).fetchall()
+
     # Reads of one workflow.
 
     _OUTCOME = "SELECT state, result, error FROM workflows WHERE id = ?"
     _STATE = "SELECT state, owner FROM workflows WHERE id = ?"
     _WORKFLOW = """
         SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
-               w.finished_at, w.owner, o.expires_at
+               w.finished_at, w.owner, o.expires_at, w.parent
         FROM workflows w LEFT JOIN owners o ON o.id = w.owner WHERE w.id = ?"""
     _STEPS = """
         SELECT seq, name, state, attempts, result, error, failures, started_at, updated_at,
@@ -1147,6 +1165,9 @@ class _PostgresJournal:
                 sent_at     double precision NOT NULL,
                 PRIMARY KEY (workflow_id, name)
             )""",
+            "ALTER TABLE durable_workflows ADD COLUMN parent text",
+            """CREATE INDEX durable_workflows_parent ON durable_workflows (parent)
+                WHERE parent IS NOT NULL""",
         ),
     )
 
@@ -1497,6 +1518,20 @@ class _PostgresJournal:
         ids, names = [w[0] for w in wanted], [w[1] for w in wanted]
         return [tuple(row) for row in self._all(self._MESSAGES_FOR, (ids, names))]
 
+    # Children (ctx.child).
+
+    _ADOPT = "UPDATE durable_workflows SET parent = %s WHERE id = %s AND parent IS NULL"
+    _CHILDREN = """
+        SELECT id, state FROM durable_workflows WHERE parent = %s ORDER BY created_at, id"""
+
+    def adopt(self, child: str, parent: str) -> None:
+        """Record `parent` as the parent of workflow `child`, unless it has one."""
+        self._count(self._ADOPT, (parent, child))
+
+    def children(self, workflow_id: str) -> list[tuple[str, str]]:
+        """(id, state) of the workflow's children, oldest first."""
+        return [(row[0], row[1]) for row in self._all(self._CHILDREN, (workflow_id,))]
+
     # Reads of one workflow.
 
     _OUTCOME = "SELECT state, result, error FROM durable_workflows WHERE id = %s"
@@ -1504,7 +1539,7 @@ class _PostgresJournal:
     _STATE_LOCKED = f"{_STATE} FOR UPDATE"
     _WORKFLOW = """
         SELECT w.id, w.name, w.state, w.result, w.error, w.created_at, w.updated_at,
-               w.finished_at, w.owner, o.expires_at
+               w.finished_at, w.owner, o.expires_at, w.parent
         FROM durable_workflows w LEFT JOIN durable_owners o ON o.id = w.owner
         WHERE w.id = %s"""
     _STEPS = """
@@ -1712,7 +1747,7 @@ def _read_status(journal: _Journal, workflow_id: str) -> Status:
     row, steps = journal.status(workflow_id)
     if row is None:
         raise NotFound(f"no workflow has id {workflow_id!r}")
-    wf_id, name, state, result, error, created, updated, finished, owner, expires = row
+    wf_id, name, state, result, error, created, updated, finished, owner, expires, parent = row
     return Status(
         wf_id, name, state, _loads(result, wf_id), _loads(error, wf_id), created, updated,
         finished,
@@ -1721,19 +1756,26 @@ def _read_status(journal: _Journal, workflow_id: str) -> Status:
                          step_finished)
               for seq, step, st, attempts, res, err, fails, started, step_updated,
               step_finished in steps),
-        owner, expires,
+        owner, expires, parent, tuple(child for child, _ in journal.children(wf_id)),
     )
 
 
-def _cancel(journal: _Journal, workflow_id: str) -> bool:
-    """In a write transaction: cancel the workflow; False if it had finished already."""
+def _cancel(journal: _Journal, workflow_id: str) -> list[str]:
+    """In a write transaction: cancel the workflow and its unfinished children, theirs
+    and so on; the ids cancelled, none if it had finished already."""
     row = journal.state(workflow_id, lock=True)
     if row is None:
         raise NotFound(f"no workflow has id {workflow_id!r}")
     if row[0] in _FINISHED:
-        return False
+        return []
     error = _dumps({"type": "WorkflowCancelled", "message": "cancelled by request"})
-    return journal.cancel(workflow_id, error, time.time())
+    if not journal.cancel(workflow_id, error, time.time()):
+        return []
+    cancelled = [workflow_id]
+    for child, state in journal.children(workflow_id):
+        if state in _UNFINISHED:
+            cancelled += _cancel(journal, child)
+    return cancelled
 
 
 def _send(journal: _Journal, workflow_id: str, name: str, text: str) -> bool:
@@ -1916,7 +1958,7 @@ class _Writer:
         with journal.transaction():
             # run()'s inserts go first, all together: two statements for any number;
             # the checkpoints all together too, where the first of them stands.
-            inserts = [op for op in ops if isinstance(op, _Insert)]
+            inserts = [op for op in ops if type(op) is _Insert]  # a child's: on its own
             checkpoints = [op for op in ops if isinstance(op, _Checkpoint)]
             together: dict[int, tuple[bool, Any]] = {}
             if len(inserts) > 1:
@@ -2000,6 +2042,22 @@ class _Insert:
                     except IdempotencyConflict as exc:
                         outcomes[i] = (False, exc)
         return outcomes
+
+
+class _ChildInsert(_Insert):
+    """ctx.child's write: run()'s, and the child's parent recorded with it."""
+
+    __slots__ = ("parent",)
+
+    def __init__(self, workflow_id: str, name: str, text: str, digest: str, owner: str,
+                 parent: str) -> None:
+        super().__init__(workflow_id, name, text, digest, owner)
+        self.parent = parent
+
+    def __call__(self, journal: _Journal) -> tuple[bool, str, str | None]:
+        answer = super().__call__(journal)
+        journal.adopt(self.id, self.parent)
+        return answer
 
 
 class _Waiter:
@@ -2214,9 +2272,10 @@ class _Run:
       going on with it while the loop waits for that thread: one place at a time):
       journal, seq, pending, touched;
     - the event loop only: gen (a step thread reads it), task, inflight, flush_due,
-      napping, waiters, outcome, steps_due, threads, expecting (the name a receive
-      waits for), mail (the value sent under it, handed over by send or the poll) and
-      fanout (ctx.all calls under way);
+      naps (the futures its sleeps, receives and child waits wait on: several at once
+      in a ctx.all), waiters, outcome, steps_due, threads, expecting (name -> the nap
+      of a receive waiting for it), mail (name -> the value sent under it, handed over
+      by send or the poll) and fanout (ctx.all calls under way);
     - stop: the loop (cancel, close, a fence seen by the maintenance tick) or the
       workflow's code (a write failed, the code no longer matches its journal);
       read anywhere;
@@ -2227,7 +2286,7 @@ class _Run:
 
     __slots__ = ("durable", "expecting", "fanout", "flush_due", "gen", "id", "inflight",
                  "journal",
-                 "lost", "mail", "napping", "new", "outcome", "owner", "pending", "retry",
+                 "lost", "mail", "naps", "new", "outcome", "owner", "pending", "retry",
                  "seq", "steps_due", "stop", "task", "text", "threads", "touched", "vars",
                  "waiters", "workflow")
 
@@ -2251,9 +2310,9 @@ class _Run:
         self.task: asyncio.Task[_Outcome | None] | None = None
         self.inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self.flush_due = False
-        self.napping: asyncio.Future[None] | None = None
-        self.expecting: str | None = None
-        self.mail: str | None = None
+        self.naps: set[asyncio.Future[None]] = set()
+        self.expecting: dict[str, asyncio.Future[None]] = {}
+        self.mail: dict[str, str] = {}
         self.fanout = 0  # ctx.all calls under way: their calls run side by side
         self.waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
         self.outcome: _Outcome | None = None  # committed when the workflow ended here
@@ -2270,9 +2329,8 @@ class _Run:
     def halt(self, reason: _Interrupted) -> None:
         """Stop the workflow at its next step, checkpoint or wake-up (cancel, close)."""
         self.stop = reason
-        for future in (self.napping, *self.waiters):
-            if future is not None:
-                _wake(future)
+        for future in (*self.naps, *self.waiters):
+            _wake(future)
 
     def ended(self, outcome: _Outcome | None) -> _Outcome | None:
         """The workflow's task ends with `outcome` committed (None: unfinished): hand
@@ -2282,17 +2340,26 @@ class _Run:
             _wake(future)
         return outcome
 
-    async def nap(self, seconds: float) -> None:
-        """Sleep, unless the workflow is stopped first."""
+    async def nap(self, seconds: float, expecting: str | None = None,
+                  until: asyncio.Future[Any] | None = None) -> None:
+        """Sleep, unless the workflow is stopped first; with `expecting`, until a value
+        is sent under that name too; with `until`, until it is done too."""
         if seconds > 0 and self.stop is None and not self.durable._closing:
             loop = asyncio.get_running_loop()
-            self.napping = loop.create_future()
-            timer = loop.call_later(seconds, _wake, self.napping)
+            napping: asyncio.Future[None] = loop.create_future()
+            self.naps.add(napping)
+            if expecting is not None:
+                self.expecting[expecting] = napping
+            timer = loop.call_later(seconds, _wake, napping)
+            if until is not None:
+                until.add_done_callback(lambda _: _wake(napping))
             try:
-                await self.napping
+                await napping
             finally:
                 timer.cancel()
-                self.napping = None
+                self.naps.discard(napping)
+                if expecting is not None and self.expecting.get(expecting) is napping:
+                    del self.expecting[expecting]
         if isinstance(self.stop, _Interrupted):
             raise self.stop
 
@@ -2395,7 +2462,7 @@ class _Replayed:
 _Verdict = tuple[Literal["done", "retry", "failed"], _Row, Any]
 
 
-def _next(run: _Run, call: _StepCall | _SleepCall | _ReceiveCall
+def _next(run: _Run, call: _StepCall | _SleepCall | _ReceiveCall | _ChildCall
           ) -> tuple[int, _JournaledStep | None]:
     """The call's position, and its record from before this (re)start, if any."""
     if call.run is not run:
@@ -2684,6 +2751,8 @@ async def _execute(run: _Run, call: _Call, began: _Handback | None = None) -> An
         return await _receive(run, call)
     if isinstance(call, _AllCall):
         return await _all(run, call)
+    if isinstance(call, _ChildCall):
+        return await _child(run, call)
     assert isinstance(call, _StepCall)
     if began is not None:
         assert began.step is not None
@@ -2847,14 +2916,48 @@ async def _receive(run: _Run, call: _ReceiveCall) -> Any:
                        _dumps({"type": "ReceiveTimeout", "message": message}), None, since,
                        now, now))
             raise ReceiveTimeout(message)
-        run.expecting, run.mail = call.message, None
-        try:
-            await run.nap(left)
-        finally:
-            run.expecting, text, run.mail = None, run.mail, None
+        await run.nap(left, expecting=call.message)
+        text = run.mail.pop(call.message, None)
     now = time.time()
     run.defer((run.id, seq, call.name, "done", 1, text, None, None, since, now, now))
     return _loads(text, run.id)
+
+
+async def _child(run: _Run, call: _ChildCall) -> Any:
+    """Start a child workflow (its start journaled in the parent: a replayed parent
+    finds it and starts no second one), wait for its end, and return its result, or
+    raise StepFailed with its error."""
+    seq, recorded = _next(run, call)
+    if recorded is not None and recorded.state == "done":
+        return _loads(recorded.result, run.id)
+    if recorded is not None and recorded.state == "failed":
+        err = _loads(recorded.error, run.id) or {}
+        raise StepFailed(call.name, err.get("type", "Error"), err.get("message", ""), 1)
+    if recorded is not None:
+        since, child_id = recorded.updated_at, (_loads(recorded.result, run.id) or {})["child"]
+    else:
+        since, child_id = time.time(), call.id or f"{run.id}/{seq}"
+        _check_id(child_id)
+        await run.write([(run.id, seq, call.name, "running", 1, _dumps({"child": child_id}),
+                          None, None, since, since, None)])
+    durable = run.durable
+    await durable._start_child(child_id, call, run.id)
+    ended = asyncio.ensure_future(durable._wait(child_id))
+    try:
+        while not ended.done():
+            await run.nap(_FOREVER, until=ended)
+    finally:
+        if not ended.done():
+            ended.cancel()
+    state, result, error = ended.result()
+    now = time.time()
+    if state == "done":
+        run.defer((run.id, seq, call.name, "done", 1, result, None, None, since, now, now))
+        return _loads(result, run.id)
+    err = _loads(error, run.id) or {}
+    await run.write([(run.id, seq, call.name, "failed", 1, None, error, None, since, now,
+                      now)])
+    raise StepFailed(call.name, err.get("type", "Error"), err.get("message", ""), 1)
 
 
 async def _all(run: _Run, call: _AllCall) -> list[Any]:
@@ -3020,20 +3123,40 @@ class _AllCall(_Call):
         for one in calls:
             if not isinstance(one, _Call) or one.run is not run:
                 raise InvalidInput(f"ctx.all() takes calls made by this workflow's ctx "
-                                   f"(ctx.run, ctx.sleep, ctx.receive, ctx.all), not {one!r}")
+                                   f"(ctx.run, ctx.sleep, ctx.receive, ctx.child, ctx.all), "
+                                   f"not {one!r}")
         super().__init__(run)
         self.calls = calls
 
 
-class _StepOptions:
-    __slots__ = ("_name", "_retry", "_run")
+class _ChildCall(_Call):
+    __slots__ = ("digest", "id", "name", "text", "workflow")
 
-    def __init__(self, run: _Run, name: str | None, retry: RetryPolicy | None) -> None:
-        self._run, self._name, self._retry = run, name, retry
+    def __init__(self, run: _Run, fn: Callable[..., Any] | str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], child_id: str | None) -> None:
+        if child_id is not None:
+            _check_id(child_id)
+        self.workflow, self.text, self.digest = run.durable._prepare(fn, args, kwargs)
+        super().__init__(run)
+        self.id = child_id
+        self.name = f"ctx.child:{self.workflow.name}"  # its journal name: replay checks it
+
+
+class _StepOptions:
+    __slots__ = ("_id", "_name", "_retry", "_run")
+
+    def __init__(self, run: _Run, name: str | None, retry: RetryPolicy | None,
+                 child_id: str | None = None) -> None:
+        self._run, self._name, self._retry, self._id = run, name, retry, child_id
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _StepCall:
         """Like `Context.run`, with these options."""
         return _StepCall(self._run, fn, args, kwargs, self._name, self._retry)
+
+    def child(self, workflow: Callable[..., Any] | str, /, *args: Any,
+              **kwargs: Any) -> _ChildCall:
+        """Like `Context.child`, with these options (`id`: the child's id)."""
+        return _ChildCall(self._run, workflow, args, kwargs, self._id)
 
 
 class Context:
@@ -3055,23 +3178,36 @@ class Context:
         also run a generator workflow's code up to its next sync step."""
         return _StepCall(self._run, fn, args, kwargs, None, None)
 
-    def options(self, *, name: str | None = None,
-                retry: RetryPolicy | None = None) -> _StepOptions:
+    def options(self, *, name: str | None = None, retry: RetryPolicy | None = None,
+                id: str | None = None) -> _StepOptions:
         """Step options that cannot collide with the step's own arguments:
         ``yield ctx.options(retry=RetryPolicy(max_attempts=10)).run(charge, order)``.
-        `name` is the step's name in the journal (default: the function's name)."""
+        `name` is the step's name in the journal (default: the function's name); `id`
+        a child workflow's id (``ctx.options(id="audit/42").child(audit, 42)``)."""
+        if id is not None:
+            _check_id(id)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise InvalidInput(f"retry must be a RetryPolicy, not {retry!r}")
         if name is not None and (not isinstance(name, str) or not name or "\x00" in name):
             raise InvalidInput(f"a step name must be a non-empty string without NUL, "
                                f"not {name!r}")
-        return _StepOptions(self._run, name, retry)
+        return _StepOptions(self._run, name, retry, id)
 
     def sleep(self, seconds: float) -> _SleepCall:
         """A durable timer: ``yield ctx.sleep(3600)`` (or ``await``). The wake time is
         journaled, so after a restart the workflow sleeps only what is left. A sleeping
         workflow holds no thread."""
         return _SleepCall(self._run, seconds)
+
+    def child(self, workflow: Callable[..., Any] | str, /, *args: Any,
+              **kwargs: Any) -> _ChildCall:
+        """Start registered `workflow(ctx, *args, **kwargs)` as a child, wait for it and
+        return its result (``audit = yield ctx.child(audit_trail, order_id)``, or
+        ``await``); a child that fails raises StepFailed with its error. Its id is
+        f"{ctx.id}/{n}", n its call's place in this journal (``ctx.options(id=...)``
+        for another); its start is journaled here, so a replayed parent starts no
+        second child. Cancelling this workflow cancels its unfinished children."""
+        return _ChildCall(self._run, workflow, args, kwargs, None)
 
     def all(self, *calls: _Call) -> _AllCall:
         """Run `calls` (steps, sleeps, receives, other alls) side by side and return
@@ -3468,22 +3604,8 @@ class Durable:
         writer = self._open_writer()
         if self._closing:
             raise DurableError(f"{self!r} is closing; no new workflow can start")
-        workflow = self._workflow(fn)
         _check_id(id)
-        if kwargs or len(args) != workflow.arity:
-            try:
-                workflow.signature.bind(None, *args, **kwargs)
-            except TypeError as exc:
-                raise InvalidInput(
-                    f"arguments do not fit workflow {workflow.name!r}: {exc}") from None
-        try:
-            text = _dumps({"args": list(args), "kwargs": kwargs})
-            canonical = _dumps([workflow.name, list(args), kwargs], canonical=True)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(
-                f"arguments of workflow {workflow.name!r} must be JSON-serializable: {exc}"
-            ) from None
-        digest = hashlib.sha256(canonical.encode()).hexdigest()
+        workflow, text, digest = self._prepare(fn, args, kwargs)
         insert = _Insert(id, workflow.name, text, digest, self._owner)
         if not workflow.is_async and not self._runs and not self._queued \
                 and self._pool is not None and not self._pool.busy:
@@ -3504,6 +3626,42 @@ class Durable:
         if not created:
             await self._resume_if_nobody_runs(id, state, known_owner)
         return Handle(self, id, created)
+
+    def _prepare(self, fn: Callable[..., Any] | str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[_Workflow, str, str]:
+        """The registered workflow `fn`, its input as journaled, and the digest that
+        tells a run of the same function and arguments; InvalidInput for anything
+        else."""
+        workflow = self._workflow(fn)
+        if kwargs or len(args) != workflow.arity:
+            try:
+                workflow.signature.bind(None, *args, **kwargs)
+            except TypeError as exc:
+                raise InvalidInput(
+                    f"arguments do not fit workflow {workflow.name!r}: {exc}") from None
+        try:
+            text = _dumps({"args": list(args), "kwargs": kwargs})
+            canonical = _dumps([workflow.name, list(args), kwargs], canonical=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(
+                f"arguments of workflow {workflow.name!r} must be JSON-serializable: {exc}"
+            ) from None
+        return workflow, text, hashlib.sha256(canonical.encode()).hexdigest()
+
+    async def _start_child(self, child_id: str, call: _ChildCall, parent: str) -> None:
+        """Record the child (or find it recorded: a replayed parent) and start it here,
+        unless it runs already (here or elsewhere) or has finished."""
+        insert = _ChildInsert(child_id, call.workflow.name, call.text, call.digest,
+                              self._owner, parent)
+        caller = contextvars.copy_context()
+
+        def start(ok: bool, value: Any) -> None:
+            if ok and value[0]:
+                caller.run(self._start, child_id, call.workflow, call.text, {})
+
+        created, state, owner = await self._open_writer().submit(insert, start)
+        if not created:
+            await self._resume_if_nobody_runs(child_id, state, owner)
 
     async def _resume_if_nobody_runs(self, workflow_id: str, state: str,
                                      owner: str | None) -> None:
@@ -3730,17 +3888,17 @@ class Durable:
         sent = bool(await self._open_writer().submit(
             lambda journal: _send(journal, id, name, text)))
         run = self._runs.get(id)
-        if run is not None and run.expecting == name and run.napping is not None:
-            run.mail = text
-            _wake(run.napping)
+        if run is not None and name in run.expecting:
+            run.mail[name] = text
+            _wake(run.expecting[name])
         return sent
 
     async def _poll_mail(self) -> None:
         """Hand the values other processes sent to the workflows here waiting for them."""
         while True:
             await asyncio.sleep(_MAIL_POLL)
-            waiting = {(run.id, run.expecting): run for run in self._runs.values()
-                       if run.expecting is not None}
+            waiting = {(run.id, name): run for run in self._runs.values()
+                       for name in run.expecting}
             if not waiting:
                 continue
             wanted = list(waiting)
@@ -3757,24 +3915,25 @@ class Durable:
                 continue
             for wf_id, name, text in found:
                 run = waiting[wf_id, name]
-                if run.expecting == name and run.napping is not None:
-                    run.mail = text
-                    _wake(run.napping)
+                if name in run.expecting:
+                    run.mail[name] = text
+                    _wake(run.expecting[name])
 
     async def cancel(self, id: str) -> bool:
         """Cancel an unfinished workflow, in this process or another: no further step
         starts; a step running now finishes, but its result is not recorded and does
-        not resume the workflow; `result()` raises WorkflowCancelled. Returns False,
-        changing nothing, when the workflow had finished already."""
+        not resume the workflow; `result()` raises WorkflowCancelled. Its unfinished
+        children (ctx.child) are cancelled with it. Returns False, changing nothing,
+        when the workflow had finished already."""
         _check_id(id)
-        cancelled = bool(await self._open_writer().submit(
-            lambda journal: _cancel(journal, id)))
-        run = self._runs.get(id)
-        if cancelled and run is not None:
-            run.halt(_Fenced(id, "it was cancelled", logging.INFO))
-        if cancelled:
-            self._queued.pop(id, None)  # waiting for its turn: it never starts
-        return cancelled
+        cancelled: list[str] = await self._open_writer().submit(
+            lambda journal: _cancel(journal, id))
+        for wf_id in cancelled:
+            run = self._runs.get(wf_id)
+            if run is not None:
+                run.halt(_Fenced(wf_id, "it was cancelled", logging.INFO))
+            self._queued.pop(wf_id, None)  # waiting for its turn: it never starts
+        return bool(cancelled)
 
     async def retry(self, id: str) -> int:
         """Run a failed workflow again from its failed step: the steps before it stay
@@ -3820,7 +3979,7 @@ class Durable:
                              "(%s); trying again in %.1fs", exc, self._tick)
 
     async def _check_sleepers(self) -> None:
-        napping = [run for run in self._runs.values() if run.napping is not None]
+        napping = [run for run in self._runs.values() if run.naps]
         if not napping:
             return
 
@@ -4028,6 +4187,10 @@ def _show(status: Status) -> str:
                      f"(+{status.finished_at - status.created_at:.3f}s)")
     if status.state == "done":
         lines.append(_printable(f"  result    {_ENCODE(status.result)}"))
+    if status.parent is not None:
+        lines.append(_printable(f"  parent    {status.parent}"))
+    if status.children:
+        lines.append(_printable(f"  children  {', '.join(status.children)}"))
     rows = [["  #", "step", "state", "attempts", "started", "took", "error"]]
     for step in status.steps:
         took = "" if step.finished_at is None else f"{step.finished_at - step.started_at:.3f}s"
@@ -4126,8 +4289,10 @@ def _command_line(argv: Sequence[str] | None = None) -> int:
         elif args.command == "cancel":
             with journal.transaction():
                 cancelled = _cancel(journal, args.id)
-            output = {"id": args.id, "cancelled": cancelled}
-            text = f"cancelled workflow {args.id!r}" if cancelled else \
+            output = {"id": args.id, "cancelled": bool(cancelled)}
+            children = "" if len(cancelled) < 2 else \
+                f" and {len(cancelled) - 1} unfinished child workflow(s)"
+            text = f"cancelled workflow {args.id!r}{children}" if cancelled else \
                 f"workflow {args.id!r} had finished already; nothing to cancel"
         elif args.command == "send":
             with journal.transaction():

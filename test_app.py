@@ -337,3 +337,95 @@ def test_64_concurrent_identical_posts_make_one_workflow_and_one_charge(
     assert service.finished("ord_1001")["status"] == "done"
     assert len(service.charges()) == 1
     assert len(step_lines(service.log(), "validate", "ord_1001")) == 1
+
+
+# Refunds: a workflow waiting for a person's decision (ctx.receive), then ctx.all.
+
+
+def _refund(service: Any, order_id: str, body: Any = None) -> httpx.Response:
+    url = f"{service.url}/orders/{order_id}/refund"
+    if body is None:
+        return httpx.post(url, timeout=10)
+    return httpx.post(f"{url}/decision", timeout=10,
+                      content=body if isinstance(body, bytes) else json.dumps(body))
+
+
+def _refund_finished(service: Any, order_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        body = dict(httpx.get(f"{service.url}/orders/{order_id}/refund/status",
+                              timeout=10).json())
+        if body["status"] not in ("processing", "not_found"):
+            return body
+        assert time.monotonic() < deadline, (body, service.log())
+        time.sleep(0.05)
+
+
+def test_a_refund_waits_for_a_decision_across_a_restart_then_refunds_and_tells_at_once(
+        service: Any, order: Any, rows: Any) -> None:
+    service.start()
+    assert service.post(order).status_code == 202
+    assert service.finished("ord_1001")["status"] == "done"
+    started = _refund(service, "ord_1001")
+    assert started.status_code == 202 and started.json() == {
+        "status": "accepted", "refundId": "refund/ord_1001",
+        "statusUrl": "/orders/ord_1001/refund/status",
+        "decisionUrl": "/orders/ord_1001/refund/decision"}
+    again = _refund(service, "ord_1001")
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    waiting = httpx.get(f"{service.url}/orders/ord_1001/refund/status", timeout=10).json()
+    assert waiting == {"status": "processing", "step": "ctx.receive:decision", "attempt": 1}
+    service.stop()  # a restart while it waits
+    service.start()
+    decided = _refund(service, "ord_1001", {"approved": True})
+    assert decided.status_code == 202 and "idempotent-replayed" not in decided.headers
+    assert _refund_finished(service, "ord_1001") == {"status": "done", "result": {
+        "orderId": "ord_1001", "refunded": True, "customerNotified": True, "amount": 6997}}
+    assert [c["refunded"] for c in service.charges()] == [True]
+    same = _refund(service, "ord_1001", {"approved": True})
+    assert same.status_code == 202 and same.headers["idempotent-replayed"] == "true"
+    other = _refund(service, "ord_1001", {"approved": False, "reason": "changed my mind"})
+    assert other.status_code == 409 and other.json()["decision"] == {"approved": True}
+    notices = rows(service.where if service.journal.startswith("postgresql://")
+                   else service.folder / "orders-providers.db",
+                   "SELECT subject FROM outbox WHERE key = 'refund/ord_1001/notify'")
+    assert notices == [("Order ord_1001: $69.97 refunded",)]
+
+
+def test_a_declined_or_undecided_refund_refunds_nothing(service: Any, order: Any) -> None:
+    service.start(REFUND_DECISION_TIMEOUT="1")
+    for order_id in ("ord_1001", "ord_1002"):
+        assert service.post({**order, "id": order_id}).status_code == 202
+        assert service.finished(order_id)["status"] == "done"
+        assert _refund(service, order_id).status_code == 202
+    declined = _refund(service, "ord_1001", {"approved": False, "reason": "used item"})
+    assert declined.status_code == 202
+    assert _refund_finished(service, "ord_1001")["result"] == {
+        "orderId": "ord_1001", "refunded": False, "reason": "used item"}
+    assert _refund_finished(service, "ord_1002")["result"] == {
+        "orderId": "ord_1002", "refunded": False, "reason": "no decision within 1s"}
+    late = _refund(service, "ord_1002", {"approved": True})
+    assert late.status_code == 409 and "ended without a decision" in late.json()["error"]
+    assert [c["refunded"] for c in service.charges()] == [False, False]
+
+
+def test_refund_requests_that_cannot_be_met_get_clear_answers_and_write_nothing(
+        service: Any, order: Any, rows: Any) -> None:
+    service.start()
+    assert _refund(service, "ord_9999").status_code == 404
+    assert _refund(service, "ord_9999", {"approved": True}).status_code == 404
+    assert service.post(order).status_code == 202
+    assert service.finished("ord_1001")["status"] == "done"
+    assert _refund(service, "ord_1001", {"approved": True}).status_code == 404  # none asked
+    assert _refund(service, "ord_1001").status_code == 202
+    for body in (b"not json", b"[]", b'{"approved": "yes"}', b'{"approved": true, "x": 1}',
+                 b'{"approved": false, "reason": 7}', b"{" * 10_000):
+        answer = _refund(service, "ord_1001", body)
+        assert answer.status_code == 400 and answer.json()["error"], body[:20]
+    assert rows(service.where, "SELECT count(*) FROM messages") == [(0,)]
+    declined = dict(order, id="ord_declined", customer={"id": "cus_declined", "email": "d@e.co"})
+    assert service.post(declined).status_code == 202
+    assert service.finished("ord_declined")["status"] == "failed"
+    refused = _refund(service, "ord_declined")
+    assert refused.status_code == 409 and "only a paid order" in refused.json()["error"]
+    assert "Traceback" not in service.log()

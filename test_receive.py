@@ -422,18 +422,20 @@ def test_the_command_line_sends_and_show_says_what_a_workflow_waits_for(
     assert "  received\n  step 1: 'approval' = {\"approved\":true}" in shown.stdout
 
 
-def test_a_journal_of_the_first_schema_gains_the_messages_table(
+def test_a_journal_of_the_first_schema_gains_messages_and_parents(
         db: Any, rows: Any, store: str) -> None:
     async def touch() -> None:
         async with Durable(db):
             pass
 
     asyncio.run(touch())
-    if store == "postgres":
-        rows(db, "DROP TABLE durable_messages")
-        rows(db, "UPDATE durable_schema SET version = 1")
-    else:
-        rows(db, "DROP TABLE messages")
-        rows(db, "PRAGMA user_version = 1")
+    # Back to what version 1 held: no messages, no parents.
+    rows(db, "DROP TABLE messages")
+    if store == "sqlite":  # PostgreSQL drops it with its column
+        rows(db, "DROP INDEX workflows_parent")
+    rows(db, "ALTER TABLE workflows DROP COLUMN parent")
+    rows(db, "UPDATE durable_schema SET version = 1" if store == "postgres"
+         else "PRAGMA user_version = 1")
     asyncio.run(touch())
     assert rows(db, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(db, "SELECT count(parent) FROM workflows") == [(0,)]
