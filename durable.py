@@ -4150,6 +4150,9 @@ def _where_now(status: Status) -> str:
         if last.state != "running":
             where = f"running: step {last.seq} {last.name!r} is {last.state}, the next one " \
                     "is starting"
+        elif last.name.startswith("ctx.child:") and isinstance(last.result, dict):
+            where = (f"waiting in step {last.seq} for child workflow "
+                     f"{last.result.get('child')!r} since {_utc(last.started_at)} UTC")
         elif last.name.startswith("ctx.receive:"):
             until = (last.result or {}).get("until") if isinstance(last.result, dict) else None
             where = (f"waiting in step {last.seq} for a value under "

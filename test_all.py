@@ -284,3 +284,28 @@ def test_an_all_of_something_else_is_refused_before_anything_is_written(
     assert asyncio.run(main()) == [3, []]
     assert rows(db, "SELECT count(*) FROM steps") == [(0,)]
     assert refused[0].startswith("ctx.all() takes calls made by this workflow's ctx")
+
+
+@pytest.mark.parametrize("form", ["generator", "async"])
+def test_two_receives_in_one_all_both_wake_when_their_values_come_later(
+        db: Any, form: str) -> None:
+    dur = Durable(db)
+
+    def wf(ctx, all_of):
+        return (yield all_of(ctx.receive("left"), ctx.receive("right"), ctx.sleep(0.05)))
+
+    register(dur, form, wf)
+
+    async def main() -> Any:
+        async with dur:
+            handle = await dur.run("w", "wf")
+            deadline = time.monotonic() + 10
+            while len((await handle.status()).steps) < 3:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # both wait now
+            await dur.send("w", "right", 2)
+            await dur.send("w", "left", 1)
+            return await handle.result(timeout=10)
+
+    assert asyncio.run(main()) == [1, 2, None]
