@@ -406,6 +406,43 @@ def service(tmp_path: Path, db: Any) -> Iterator[Service]:
         svc.stop()
 
 
+# Workflow forms: one body, written as a generator, registered in either form.
+
+
+def _register_in(dur: Durable, form: str, body: Callable[..., Any], name: str = "wf") -> None:
+    """Register generator function `body` (taking ctx) as workflow `name`: as it is
+    ("generator"), or ("async") as an async def awaiting each call it yields and
+    throwing in what the call raised; a yielded tuple of calls is awaited with
+    asyncio.gather."""
+    if form == "generator":
+        dur.register(name=name)(body)
+        return
+
+    async def coroutine(ctx, *args):
+        gen = body(ctx, *args)
+        sent, thrown = None, None
+        while True:
+            try:
+                call = gen.send(sent) if thrown is None else gen.throw(thrown)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                sent = list(await asyncio.gather(*call)) if isinstance(call, tuple) \
+                    else await call
+                thrown = None
+            except Exception as exc:
+                sent, thrown = None, exc
+
+    dur.register(name=name)(coroutine)
+
+
+@pytest.fixture
+def register_in() -> Callable[..., None]:
+    """register_in(dur, form, body, name="wf"): `body`, a generator workflow, registered
+    as a generator or as an async def ("generator" or "async")."""
+    return _register_in
+
+
 # Routes: one workflow, every path through durable.py.
 
 

@@ -23,43 +23,22 @@ FORMS = ("generator", "async", "gather")
 ONCE = RetryPolicy(max_attempts=1)
 
 
-def register(dur: Durable, form: str, body: Any, name: str = "wf") -> None:
+def register(dur: Durable, form: str, body: Any, register_in: Any) -> None:
     """`body` is a generator function taking (ctx, all): `all(*calls)` is ctx.all in
-    the first two forms and asyncio.gather in the third (an async def awaiting what
-    the body yields)."""
-    if form == "generator":
-        dur.register(name=name)(lambda_free(body, lambda ctx: ctx.all))
-        return
+    the first two forms; in the third ("gather") a tuple of the calls, which the
+    async def awaits with asyncio.gather."""
+    def gathered(*calls: Any) -> tuple[Any, ...]:
+        return calls
 
-    async def coroutine(ctx, *args):
-        gen = body(ctx, (lambda *calls: ("gather", calls)) if form == "gather" else ctx.all,
-                   *args)
-        sent, thrown = None, None
-        while True:
-            try:
-                call = gen.send(sent) if thrown is None else gen.throw(thrown)
-            except StopIteration as stop:
-                return stop.value
-            try:
-                if isinstance(call, tuple):
-                    sent = list(await asyncio.gather(*call[1]))
-                else:
-                    sent = await call
-                thrown = None
-            except Exception as exc:
-                sent, thrown = None, exc
-
-    dur.register(name=name)(coroutine)
-
-
-def lambda_free(body: Any, all_of: Any) -> Any:
     def generator(ctx, *args):
-        return (yield from body(ctx, all_of(ctx), *args))
-    return generator
+        return (yield from body(ctx, gathered if form == "gather" else ctx.all, *args))
+
+    register_in(dur, "generator" if form == "generator" else "async", generator)
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_calls_run_side_by_side_and_return_in_argument_order(db: Any, form: str) -> None:
+def test_calls_run_side_by_side_and_return_in_argument_order(
+        db: Any, form: str, register_in: Any) -> None:
     # Three sync steps that can only pass a barrier together: they run in parallel
     # threads. The results come back in argument order, not the order they finished.
     barrier = threading.Barrier(3, timeout=10)
@@ -74,7 +53,7 @@ def test_calls_run_side_by_side_and_return_in_argument_order(db: Any, form: str)
         return (yield all_of(ctx.run(meet, 1, 0.2), ctx.run(meet, 2, 0.0),
                              ctx.run(meet, 3, 0.1)))
 
-    register(dur, form, wf)
+    register(dur, form, wf, register_in)
 
     async def main() -> Any:
         async with dur:
@@ -89,7 +68,7 @@ def test_calls_run_side_by_side_and_return_in_argument_order(db: Any, form: str)
 
 @pytest.mark.parametrize("form", FORMS)
 def test_the_first_failure_in_argument_order_is_raised_after_every_call_settled(
-        db: Any, form: str) -> None:
+        db: Any, form: str, register_in: Any) -> None:
     ran: list[str] = []
     dur = Durable(db, retry=ONCE)
 
@@ -113,7 +92,7 @@ def test_the_first_failure_in_argument_order_is_raised_after_every_call_settled(
         except StepFailed as exc:
             return exc.error_type, exc.message
 
-    register(dur, form, wf)
+    register(dur, form, wf, register_in)
 
     async def main() -> Any:
         async with dur:
@@ -132,7 +111,7 @@ def test_the_first_failure_in_argument_order_is_raised_after_every_call_settled(
 
 @pytest.mark.parametrize("form", ["generator", "async"])
 def test_steps_sleeps_receives_and_nested_alls_mix_and_replay_in_their_places(
-        db: Any, form: str) -> None:
+        db: Any, form: str, register_in: Any) -> None:
     ran: Counter[str] = Counter()
 
     def step(name: str) -> str:
@@ -148,7 +127,7 @@ def test_steps_sleeps_receives_and_nested_alls_mix_and_replay_in_their_places(
 
     def build() -> Durable:
         dur = Durable(db)
-        register(dur, form, wf)
+        register(dur, form, wf, register_in)
         return dur
 
     async def main() -> Any:
@@ -214,7 +193,8 @@ def test_a_process_killed_in_the_middle_of_an_all_runs_no_finished_call_again(
 
 
 @pytest.mark.parametrize("form", ["generator", "gather"])
-def test_ten_thousand_calls_in_one_all_each_run_once(db: Any, form: str, rows: Any) -> None:
+def test_ten_thousand_calls_in_one_all_each_run_once(
+        db: Any, form: str, rows: Any, register_in: Any) -> None:
     ran: Counter[int] = Counter()
     dur = Durable(db)
 
@@ -225,7 +205,7 @@ def test_ten_thousand_calls_in_one_all_each_run_once(db: Any, form: str, rows: A
     def wf(ctx, all_of):
         return sum((yield all_of(*(ctx.run(square, n) for n in range(10_000)))))
 
-    register(dur, form, wf)
+    register(dur, form, wf, register_in)
 
     async def main() -> Any:
         async with dur:
@@ -259,8 +239,7 @@ def test_async_steps_of_one_all_run_concurrently(db: Any) -> None:
     assert asyncio.run(main()) == [0, 1, 2]
 
 
-def test_an_all_of_something_else_is_refused_before_anything_is_written(
-        db: Any, rows: Any) -> None:
+def test_an_all_of_something_else_is_refused_before_anything_is_written(db: Any, rows: Any) -> None:
     dur = Durable(db)
     refused: list[str] = []
 
@@ -288,13 +267,13 @@ def test_an_all_of_something_else_is_refused_before_anything_is_written(
 
 @pytest.mark.parametrize("form", ["generator", "async"])
 def test_two_receives_in_one_all_both_wake_when_their_values_come_later(
-        db: Any, form: str) -> None:
+        db: Any, form: str, register_in: Any) -> None:
     dur = Durable(db)
 
     def wf(ctx, all_of):
         return (yield all_of(ctx.receive("left"), ctx.receive("right"), ctx.sleep(0.05)))
 
-    register(dur, form, wf)
+    register(dur, form, wf, register_in)
 
     async def main() -> Any:
         async with dur:

@@ -21,32 +21,9 @@ from durable import Durable, InvalidInput, RetryPolicy, StepFailed, WorkflowCanc
 HERE = Path(__file__).resolve().parent
 
 
-def as_form(dur: Durable, form: str, body: Any, name: str) -> None:
-    """Register generator `body` as workflow `name`, or as an async def awaiting what
-    it yields (throwing in what a call raised)."""
-    if form == "generator":
-        dur.register(name=name)(body)
-        return
-
-    async def coroutine(ctx, *args):
-        gen = body(ctx, *args)
-        sent, thrown = None, None
-        while True:
-            try:
-                call = gen.send(sent) if thrown is None else gen.throw(thrown)
-            except StopIteration as stop:
-                return stop.value
-            try:
-                sent, thrown = await call, None
-            except Exception as exc:
-                sent, thrown = None, exc
-
-    dur.register(name=name)(coroutine)
-
-
 @pytest.mark.parametrize("form", ["generator", "async"])
 def test_a_child_returns_its_result_or_fails_in_the_parent_and_show_names_both(
-        db: Any, form: str, tmp_path: Path) -> None:
+        db: Any, form: str, tmp_path: Path, register_in: Any) -> None:
     dur = Durable(db, retry=RetryPolicy(max_attempts=1))
 
     def audit(ctx, order_id):
@@ -64,9 +41,9 @@ def test_a_child_returns_its_result_or_fails_in_the_parent_and_show_names_both(
         except StepFailed as exc:
             return [audited, named, exc.step, exc.error_type, exc.message]
 
-    as_form(dur, form, audit, "audit")
-    as_form(dur, form, refuse, "refuse")
-    as_form(dur, form, parent, "parent")
+    register_in(dur, form, audit, "audit")
+    register_in(dur, form, refuse, "refuse")
+    register_in(dur, form, parent, "parent")
 
     async def main() -> Any:
         async with dur:

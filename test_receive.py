@@ -30,29 +30,6 @@ HERE = Path(__file__).resolve().parent
 FORMS = ("generator", "async")
 
 
-def register(dur: Durable, form: str, body: Any, name: str = "wf") -> None:
-    """Register `body` (a generator function taking ctx) as workflow `name`, as it is or
-    as an async def awaiting each call it yields (throwing in what a call raised)."""
-    if form == "generator":
-        dur.register(name=name)(body)
-        return
-
-    async def coroutine(ctx, *args):
-        gen = body(ctx, *args)
-        sent, thrown = None, None
-        while True:
-            try:
-                call = gen.send(sent) if thrown is None else gen.throw(thrown)
-            except StopIteration as stop:
-                return stop.value
-            try:
-                sent, thrown = await call, None
-            except Exception as exc:
-                sent, thrown = None, exc
-
-    dur.register(name=name)(coroutine)
-
-
 async def until(done: Any, what: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not await done():
@@ -68,7 +45,7 @@ async def waiting(dur: Durable, wf_id: str) -> bool:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_receive_returns_the_value_sent_and_a_restart_while_waiting_runs_no_step_again(
-        db: Any, form: str) -> None:
+        db: Any, form: str, register_in: Any) -> None:
     ran: list[str] = []
 
     def wf(ctx, order_id):
@@ -79,7 +56,7 @@ def test_receive_returns_the_value_sent_and_a_restart_while_waiting_runs_no_step
 
     def build() -> Durable:
         dur = Durable(db)
-        register(dur, form, wf)
+        register_in(dur, form, wf)
         return dur
 
     async def main() -> Any:
@@ -104,7 +81,7 @@ def test_receive_returns_the_value_sent_and_a_restart_while_waiting_runs_no_step
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_a_value_sent_before_the_receive_waits_for_it(db: Any, form: str) -> None:
+def test_a_value_sent_before_the_receive_waits_for_it(db: Any, form: str, register_in: Any) -> None:
     gate = threading.Event()
     dur = Durable(db)
 
@@ -112,7 +89,7 @@ def test_a_value_sent_before_the_receive_waits_for_it(db: Any, form: str) -> Non
         yield ctx.run(gate.wait, 10)
         return (yield ctx.receive("go"))
 
-    register(dur, form, wf)
+    register_in(dur, form, wf)
 
     async def main() -> Any:
         async with dur:
@@ -193,7 +170,7 @@ def test_bad_receive_calls_are_refused_before_anything_is_written(db: Any, rows:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_a_receive_timeout_is_catchable_and_its_deadline_survives_a_restart(
-        db: Any, form: str) -> None:
+        db: Any, form: str, register_in: Any) -> None:
     def wf(ctx):
         try:
             return (yield ctx.receive("reply", timeout=2.0))
@@ -202,7 +179,7 @@ def test_a_receive_timeout_is_catchable_and_its_deadline_survives_a_restart(
 
     def build() -> Durable:
         dur = Durable(db)
-        register(dur, form, wf)
+        register_in(dur, form, wf)
         return dur
 
     async def main() -> tuple[Any, Any]:
