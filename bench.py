@@ -2,7 +2,8 @@
 
     python bench.py                  # the full run (a few minutes): one table on stdout
     python bench.py --quick          # every scenario at tiny sizes, in seconds: a smoke test
-    python bench.py --only postgres  # rows 7-8 alone (about a minute)
+    python bench.py --only postgres  # the PostgreSQL rows alone (7-10)
+    python bench.py --only receive-all  # rows 9-10 (ctx.receive, ctx.all) on both stores
 
 The machine may be shared and noisy, so every scenario is measured against a
 baseline in the same run (alternating rounds, medians) and reports the ratio:
@@ -17,6 +18,11 @@ its own, dropped afterwards; with no server answering they say so and the rest r
 Row 8 compares DBOS Transact on the same server, in a child process and a database of
 its own (dropped afterwards), when the dbos package is installed (`make bench`
 installs it into the venv; durable.py never needs it); --quick never runs DBOS.
+
+Rows 9-10 run on SQLite and on that server: workflows waiting in ctx.receive (threads
+and RSS while they wait, in a child process of their own; then dur.send to all of
+them) against plain workflows, and one ctx.all of many sync steps against as many
+one-step workflows started at once.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +70,13 @@ class Sizes:
     recovery: int  # unfinished workflows left in the journal by a killed process
     memory: tuple[int, int, int]  # finished workflows at the RSS readings
     patience: float  # seconds to wait for workflows to finish before calling it a hang
+    many: int  # workflows waiting in ctx.receive together (row 9); steps in one ctx.all (10)
 
 
 FULL_RUN = Sizes("full", rounds=3, sequential=300, concurrent=1_000, http_seconds=10,
-                 recovery=10_000, memory=(1_000, 50_000, 100_000), patience=600)
+                 recovery=10_000, memory=(1_000, 50_000, 100_000), patience=600, many=10_000)
 QUICK_RUN = Sizes("quick", rounds=1, sequential=20, concurrent=50, http_seconds=1,
-                  recovery=200, memory=(100, 500, 1_000), patience=45)
+                  recovery=200, memory=(100, 500, 1_000), patience=45, many=50)
 
 STEPS = 4  # steps per benchmark workflow
 WARMUP = 5  # workflows run before a clock starts: thread pool up, caches warm
@@ -97,7 +105,7 @@ def print_table(rows: list[Row], sizes: Sizes, postgres: str = "") -> None:
     server = f", PostgreSQL {postgres}" if postgres else ""
     print(f"durable.py {durable.__version__} benchmark ({sizes.name} run): Python "
           f"{sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}{server}, "
-          f"{os.cpu_count()} CPUs; rows 1-4 and 7-8 are medians of {sizes.rounds} alternating "
+          f"{os.cpu_count()} CPUs; rows 1-4 and 7-10 are medians of {sizes.rounds} alternating "
           "round(s); ratio: durable.py's time or size over the baseline's (lower is "
           "better), unless it says '% of' or 'rate' (higher is better)")
     for n, line in enumerate(cells):
@@ -287,13 +295,31 @@ class _Recording(sqlite3.Connection):
         return super().execute(sql, parameters)
 
 
+class _Counting(sqlite3.Connection):
+    """A connection that counts the write transactions it commits (nothing else)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits, self._writing = 0, False
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if sql.startswith("BEGIN IMMEDIATE"):
+            self._writing = True
+        elif sql in ("COMMIT", "ROLLBACK"):
+            self.commits += self._writing and sql == "COMMIT"
+            self._writing = False
+        return super().execute(sql, parameters)
+
+
 @contextlib.contextmanager
-def recording(connections: list[_Recording]) -> Iterator[None]:
-    """Connections opened meanwhile (durable.py's own) record what they execute."""
+def recording(connections: list[Any], factory: type[sqlite3.Connection] = _Recording
+              ) -> Iterator[None]:
+    """Connections opened meanwhile (durable.py's own) record what they execute (or,
+    with factory=_Counting, count their commits)."""
     real = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = real(*args, **kwargs, factory=_Recording)
+        conn = real(*args, **kwargs, factory=factory)
         connections.append(conn)  # type: ignore[arg-type]
         return conn
 
@@ -428,7 +454,7 @@ async def durable_sequential(path: Path | str, synchronous: str, count: int) -> 
 
 
 def bench_sequential(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
-    progress("1-2/8: sequential workflows against the sqlite3 floor")
+    progress("1-2/10: sequential workflows against the sqlite3 floor")
     commits = len(template.transactions)
     if template.wal_commits != commits:
         progress(f"WARNING: {commits} write transactions per workflow recorded, but "
@@ -480,7 +506,7 @@ async def durable_concurrent(path: Path, synchronous: str, count: int,
 
 
 def bench_concurrent(folder: Path, sizes: Sizes, template: Template) -> list[Row]:
-    progress(f"3/8: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
+    progress(f"3/10: {sizes.concurrent:,} concurrent workflows against the group-commit floor")
     rows = []
     for sync in ("FULL", "NORMAL"):
         floors, durables = [], []
@@ -648,7 +674,7 @@ def httpx_posts(url: str, count: int, tag: str) -> Http:
 
 
 def bench_http(folder: Path, sizes: Sizes) -> list[Row]:
-    progress("4/8: POST /orders, app.py against a bare Starlette endpoint")
+    progress("4/10: POST /orders, app.py against a bare Starlette endpoint")
     scenario = "4 HTTP POST /orders"
     have_wrk = shutil.which("wrk") is not None
     if not have_wrk and sizes is not QUICK_RUN:
@@ -784,7 +810,7 @@ async def durable_fresh(path: Path, count: int, patience: float) -> float:
 
 def bench_recovery(folder: Path, sizes: Sizes) -> list[Row]:
     count = sizes.recovery
-    progress(f"5/8: recovery of {count:,} workflows left unfinished by a SIGKILL")
+    progress(f"5/10: recovery of {count:,} workflows left unfinished by a SIGKILL")
     folder.mkdir()
     crashed = folder / "crashed.db"
     leave_unfinished(crashed, count)
@@ -836,7 +862,7 @@ async def memory_child(path: Path, marks: list[int], patience: float = 600) -> N
 
 def bench_memory(folder: Path, sizes: Sizes) -> list[Row]:
     low, middle, high = sizes.memory
-    progress(f"6/8: journal bytes per step; RSS after {low:,} to {high:,} finished workflows")
+    progress(f"6/10: journal bytes per step; RSS after {low:,} to {high:,} finished workflows")
     folder.mkdir()
     out = subprocess.run([sys.executable, __file__, "--memory-child", str(folder / "mem.db"),
                           *map(str, sizes.memory)], capture_output=True, text=True, check=True,
@@ -1218,7 +1244,7 @@ def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
     names = [ROW_PG_SEQ, con_pg, ROW_DBOS_SEQ, con_dbos]
     down = postgres_down(base)
     if down is not None:
-        progress(f"7-8/8: {down} (skipping the PostgreSQL rows; --postgres URL names another)")
+        progress(f"7-8/10: {down} (skipping the PostgreSQL rows; --postgres URL names another)")
         return [Row(name, f"skipped: {down}", "", "") for name in names], ""
     version = postgres_version(base)
     dbos = dbos_installed() if sizes is not QUICK_RUN else None
@@ -1226,7 +1252,7 @@ def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
         no_dbos = "not run in --quick (DBOS only in the full run)"
     else:
         no_dbos = f"skipped: dbos not installed (make bench installs dbos=={DBOS_VERSION})"
-    progress(f"7-8/8: PostgreSQL {version}: sequential and {n:,} concurrent workflows "
+    progress(f"7-8/10: PostgreSQL {version}: sequential and {n:,} concurrent workflows "
              "against a psycopg floor" + (f" and DBOS {dbos}" if dbos else ""))
     with pg_schema(base, "template") as url:
         template = asyncio.run(learn_pg_commits(url))
@@ -1301,6 +1327,244 @@ def bench_postgres(base: str, sizes: Sizes) -> tuple[list[Row], str]:
             f"{faster:.1f}x DBOS's rate", verdict(sizes, ">= 10x DBOS's rate", faster >= 10)),
     ]
     return rows, version
+
+
+# SCENARIOS 9 AND 10: workflows waiting in ctx.receive until dur.send, and one ctx.all of
+# many sync steps, on SQLite and (when a server answers) PostgreSQL, each against plain
+# workflows of the same shape. Commits are counted on SQLite by connections that count
+# their own (write transactions committed), on PostgreSQL by the transaction ids the
+# server handed out (as row 7 checks its count).
+
+MESSAGE = "go"  # what the receiving workflows wait for
+ROW_WAITING = "9 {n:,} in ctx.receive, {store}: threads, RSS"
+ROW_SEND = "9 send to {n:,} waiting, {store}: send -> all done"
+ROW_ALL = "10 ctx.all of {n:,} sync steps, {store}"
+
+
+def receiving(ctx: Context, n: int) -> Generator[Any, Any, int]:
+    """`four_steps`, after waiting for a value to add to n."""
+    n += yield ctx.receive(MESSAGE)
+    return (yield from four_steps(ctx, n))
+
+
+def one_step(ctx: Context, n: int) -> Generator[Any, Any, int]:
+    return (yield ctx.run(add_one, n))
+
+
+def fan_out(ctx: Context, n: int) -> Generator[Any, Any, int]:
+    """n sync steps side by side in one ctx.all."""
+    return sum((yield ctx.all(*(ctx.run(add_one, i) for i in range(n)))))
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    dur: Durable
+    watch: Any  # a connection of our own to the journal
+    prefix: str  # of its table names: "" on SQLite, "durable_" on PostgreSQL
+    count_commits: Callable[[], int]  # commits so far
+
+    def waiting(self) -> int:
+        return int(self.watch.execute(
+            f"SELECT count(*) FROM {self.prefix}steps WHERE name = 'ctx.receive:{MESSAGE}' "
+            "AND state = 'running'").fetchone()[0])
+
+    async def until_finished(self, patience: float) -> float:
+        """Waits as `until_finished`; returns when the journal records the last end."""
+        await until_finished(self.watch, patience, f"{self.prefix}workflows")
+        return last_finished_at(self.watch, f"{self.prefix}workflows")
+
+    async def until_waiting(self, count: int, patience: float) -> None:
+        deadline = time.monotonic() + patience
+        while self.waiting() < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.waiting()} of {count} workflows waiting in "
+                                   f"ctx.receive after {patience:g} s")
+            await asyncio.sleep(POLL)
+
+
+@contextlib.asynccontextmanager
+async def measured(target: str) -> AsyncIterator[Measured]:
+    """An open Durable (FULL) on `target`, an SQLite file or a postgresql:// URL, with
+    scenarios 9-10's workflows registered."""
+    dur = Durable(target)
+    for workflow in (four_steps, receiving, one_step, fan_out):
+        dur.register(workflow)
+    connections: list[_Counting] = []
+    if target.startswith("postgresql:"):
+        await dur.open()
+        watch = pg_connect(target)
+        m = Measured(dur, watch, "durable_", lambda: next_xid(watch))
+    else:
+        with recording(connections, _Counting):
+            await dur.open()
+        watch = sqlite3.connect(target)
+        m = Measured(dur, watch, "", lambda: sum(c.commits for c in connections))
+    try:
+        yield m
+    finally:
+        watch.close()
+        await dur.close()
+
+
+async def send_all(dur: Durable, count: int) -> None:
+    for first in range(0, count, BATCH):
+        await asyncio.gather(*(dur.send(f"r-{i}", MESSAGE, 1)
+                               for i in range(first, min(first + BATCH, count))))
+
+
+async def receive_child(patience: float, count: int, targets: list[str]) -> None:
+    """In a fresh child (so that RSS and threads are this scenario's alone): per round,
+    `count` receiving workflows started and left waiting, then sent their values, all
+    at once (from the first send until the journal records the last end), on one
+    journal, against `count` plain 4-step workflows on another (from the first run()).
+    The first round reads threads and RSS before the waiting ones start and while they
+    wait. At the end, commits one workflow at a time. Prints one JSON line."""
+    out: dict[str, Any] = {"send": [], "plain": []}
+    for r, (recv, plain) in enumerate(zip(targets[::2], targets[1::2], strict=True)):
+        async with measured(recv) as m:
+            await start_all(m.dur, four_steps, "warm", WARMUP)
+            await m.until_finished(patience)
+            gc.collect()
+            threads, rss, begun = threading.active_count(), rss_kb(), m.count_commits()
+            await start_all(m.dur, receiving, "r", count)
+            await m.until_waiting(count, patience)
+            await asyncio.sleep(0.2)  # the last ones from their journal row to their wait
+            if r == 0:
+                gc.collect()
+                out |= {"threads": [threads, threading.active_count()],
+                        "rss_kb": [rss, rss_kb()], "begin": m.count_commits() - begun}
+            commits, cpu, wall = m.count_commits(), time.process_time(), time.time()
+            await send_all(m.dur, count)
+            last = await m.until_finished(patience)
+            out["send"].append([dataclasses.asdict(Timing(
+                last - wall, time.process_time() - cpu, count)), m.count_commits() - commits])
+            if r == len(targets) // 2 - 1:  # one at a time: commits per phase
+                phases = []
+                for i in range(WARMUP):
+                    first = m.count_commits()
+                    handle = await m.dur.run(f"one-{i}", receiving, i)
+                    await m.until_waiting(1, patience)
+                    second = m.count_commits()
+                    await m.dur.send(handle.id, MESSAGE, 1)
+                    third = m.count_commits()
+                    await handle.result()
+                    phases.append([second - first, third - second, m.count_commits() - third])
+                out["one_by_one"] = [sum(p[k] for p in phases) / WARMUP for k in range(3)]
+        async with measured(plain) as m:
+            await start_all(m.dur, four_steps, "warm", WARMUP)
+            await m.until_finished(patience)
+            commits, cpu, wall = m.count_commits(), time.process_time(), time.time()
+            await start_all(m.dur, four_steps, "p", count)
+            last = await m.until_finished(patience)
+            out["plain"].append([dataclasses.asdict(Timing(
+                last - wall, time.process_time() - cpu, count)), m.count_commits() - commits])
+    print(json.dumps(out), flush=True)
+
+
+def median_run(runs: list[tuple[Timing, int]]) -> tuple[Timing, int]:
+    """The run (timing, commits) with the median wall time."""
+    return sorted(runs, key=lambda run: run[0].seconds)[(len(runs) - 1) // 2]
+
+
+def journals(stack: contextlib.ExitStack, folder: Path, pg: str | None, tag: str,
+             count: int) -> list[str]:
+    """`count` fresh journals: SQLite files in `folder`, or schemas on the server `pg`
+    (dropped when `stack` closes)."""
+    if pg is None:
+        folder.mkdir(exist_ok=True)
+        return [str(folder / f"{tag}-{i}.db") for i in range(count)]
+    return [stack.enter_context(pg_schema(pg, f"{tag}{i}")) for i in range(count)]
+
+
+def bench_receive(folder: Path, sizes: Sizes, pg: str | None) -> list[Row]:
+    """Row 9 on SQLite (pg None) or on the PostgreSQL server `pg`."""
+    n, store = sizes.many, "PostgreSQL" if pg else "SQLite"
+    progress(f"9/10: {store}: {n:,} workflows waiting in ctx.receive, then sent their "
+             "values, against plain workflows")
+    with contextlib.ExitStack() as stack:
+        targets = journals(stack, folder, pg, "receive", 2 * sizes.rounds)
+        proc = subprocess.run([sys.executable, __file__, "--receive-child", str(sizes.patience),
+                               str(n), *targets], capture_output=True, text=True,
+                              timeout=sizes.patience * 4 * sizes.rounds)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"the receive child failed:\n{(proc.stderr + proc.stdout)[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    (send, sent), (plain, planned) = (median_run([(Timing(**t), c) for t, c in out[k]])
+                                      for k in ("send", "plain"))
+    (before, during), (none, waiting) = out["threads"], out["rss_kb"]
+    growth, rate = waiting / none, send.rate / plain.rate
+    return [
+        Row(ROW_WAITING.format(n=n, store=store),
+            f"{during} threads, {waiting / 1024:.1f} MB with {n:,} waiting "
+            f"({(waiting - none) / n * 1024:,.0f} B each); {out['begin']:,} commits to start them",
+            f"{before} threads, {none / 1024:.1f} MB with none (same process, first round)",
+            f"{growth:.2f}x", verdict(sizes, "threads unchanged, RSS <= 1.2x",
+                                      during == before and growth <= 1.2)),
+        Row(ROW_SEND.format(n=n, store=store),
+            f"{send.rate:,.0f} wf/s, {send.cpu / n * 1000:.3f} ms CPU/wf; {sent:,} commits; "
+            "one at a time: run() + receive {:g} commits, send {:g}, then {:g} (the value with "
+            "the next step's)".format(*out["one_by_one"]),
+            f"{n:,} plain 4-step, run() -> all done: {plain.rate:,.0f} wf/s, "
+            f"{plain.cpu / n * 1000:.3f} ms CPU/wf; {planned:,} commits",
+            f"{rate:.2f}x plain's rate", verdict(sizes, ">= 0.5x plain's rate", rate >= 0.5)),
+    ]
+
+
+async def fan_round(target: str, n: int, patience: float, together: bool) -> tuple[Timing, int]:
+    """One ctx.all of `n` sync steps (together), or `n` one-step workflows started at
+    once: from run() until the journal records the last end; and the commits."""
+    async with measured(target) as m:
+        await start_all(m.dur, one_step, "warm", WARMUP)
+        await (await m.dur.run("warm-all", fan_out, WARMUP)).result()
+        commits, cpu, wall = m.count_commits(), time.process_time(), time.time()
+        if together:
+            handle = await m.dur.run("all", fan_out, n)
+        else:
+            await start_all(m.dur, one_step, "one", n)
+        last = await m.until_finished(patience)
+        timing = Timing(last - wall, time.process_time() - cpu, n)
+        if together and await handle.result() != n * (n + 1) // 2:
+            raise RuntimeError("ctx.all returned a wrong sum")
+        return timing, m.count_commits() - commits
+
+
+def bench_all(folder: Path, sizes: Sizes, pg: str | None) -> list[Row]:
+    """Row 10 on SQLite (pg None) or on the PostgreSQL server `pg`."""
+    n, store = sizes.many, "PostgreSQL" if pg else "SQLite"
+    progress(f"10/10: {store}: ctx.all of {n:,} sync steps against {n:,} one-step workflows")
+    runs: dict[bool, list[tuple[Timing, int]]] = {True: [], False: []}
+    with contextlib.ExitStack() as stack:
+        targets = iter(journals(stack, folder, pg, "all", 2 * sizes.rounds))
+        for _ in range(sizes.rounds):
+            for together in (False, True):
+                runs[together].append(asyncio.run(fan_round(next(targets), n, sizes.patience,
+                                                            together)))
+    (mine, commits), (base, base_commits) = median_run(runs[True]), median_run(runs[False])
+    return [Row(
+        ROW_ALL.format(n=n, store=store),
+        f"{secs(mine.seconds)} ({mine.rate:,.0f} steps/s), {mine.cpu / n * 1000:.3f} ms "
+        f"CPU/step; {commits:,} commits",
+        f"{n:,} one-step workflows at once: {secs(base.seconds)}, {base.cpu / n * 1000:.3f} "
+        f"ms CPU/wf; {base_commits:,} commits",
+        f"{mine.seconds / base.seconds:.2f}x")]
+
+
+def bench_waits(folder: Path, sizes: Sizes, pg: str | None, sqlite: bool) -> list[Row]:
+    """Rows 9 and 10: on SQLite when `sqlite`, on PostgreSQL when `pg` names a server
+    (each row saying it was skipped when none answers there)."""
+    stores: list[str | None] = ([None] if sqlite else []) + ([pg] if pg else [])
+    down = postgres_down(pg) if pg else None
+    rows = []
+    for bench in (bench_receive, bench_all):
+        for store in stores:
+            if store is not None and down is not None:
+                progress(f"{bench.__name__}: {down} (skipping its PostgreSQL rows)")
+                names = [ROW_WAITING, ROW_SEND] if bench is bench_receive else [ROW_ALL]
+                rows += [Row(name.format(n=sizes.many, store="PostgreSQL"),
+                             f"skipped: {down}", "", "") for name in names]
+            else:
+                rows += bench(folder / bench.__name__, sizes, store)
+    return rows
 
 
 # INSTRUCTIONS: a count that the machine's noise does not move, for before/after pairs.
@@ -1380,12 +1644,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the PostgreSQL server for rows 7-8 (a schema of its own per "
                              "scenario, a database for DBOS; all dropped afterwards); default: "
                              "$DURABLE_BENCH_POSTGRES or %(default)s")
-    parser.add_argument("--only", choices=("sqlite", "postgres"),
-                        help="only the SQLite rows (1-6) or only the PostgreSQL ones (7-8)")
+    parser.add_argument("--only", choices=("sqlite", "postgres", "receive-all"),
+                        help="only the SQLite rows (1-6, 9-10), only the PostgreSQL ones "
+                             "(7-10), or only rows 9-10 (ctx.receive, ctx.all) on both")
     parser.add_argument("--crash-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--dbos-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--receive-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.receive_child:
+        patience, count, *targets = args.receive_child
+        asyncio.run(receive_child(float(patience), int(count), targets))
+        return 0
     if args.dbos_child:
         url, sequential, concurrent = args.dbos_child
         dbos_child(url, int(sequential), int(concurrent))
@@ -1408,10 +1678,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[Row] = []
     postgres = ""
-    if args.only != "postgres":
-        with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
-            folder = Path(tmp)
-            progress("0/8: recording what durable.py commits for one workflow")
+    with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+        folder = Path(tmp)
+        if args.only in (None, "sqlite"):
+            progress("0/10: recording what durable.py commits for one workflow")
             template = asyncio.run(learn_commits(folder / "template.db"))
             rows += [
                 *bench_sequential(folder, sizes, template),
@@ -1420,9 +1690,13 @@ def main(argv: list[str] | None = None) -> int:
                 *bench_recovery(folder / "recovery", sizes),
                 *bench_memory(folder / "memory", sizes),
             ]
-    if args.only != "sqlite":
-        pg_rows, postgres = bench_postgres(args.postgres, sizes)
-        rows += pg_rows
+        if args.only in (None, "postgres"):
+            pg_rows, postgres = bench_postgres(args.postgres, sizes)
+            rows += pg_rows
+        pg = args.postgres if args.only != "sqlite" else None
+        rows += bench_waits(folder, sizes, pg, sqlite=args.only != "postgres")
+        if pg and not postgres and postgres_down(pg) is None:
+            postgres = postgres_version(pg)
     progress(f"done in {time.monotonic() - started:.0f} s")
     print_table(rows, sizes, postgres)
     return 0

@@ -27,6 +27,13 @@ ROWS = [
     "concurrent 4-step vs psycopg",
     "8 PostgreSQL sequential 4-step vs DBOS",  # DBOS itself never runs in --quick
     "concurrent 4-step vs DBOS",
+    # ctx.receive and ctx.all, on SQLite and on PostgreSQL (or saying it was skipped).
+    "in ctx.receive, SQLite: threads, RSS",
+    "waiting, SQLite: send -> all done",
+    "in ctx.receive, PostgreSQL: threads, RSS",
+    "waiting, PostgreSQL: send -> all done",
+    "sync steps, SQLite",
+    "sync steps, PostgreSQL",
 ]
 
 
