@@ -585,6 +585,10 @@ def validate_decision(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
     reason = decision.get("reason", "")
     if not isinstance(reason, str) or len(reason) > 500:
         return None, "field 'reason' must be a string of at most 500 characters"
+    try:
+        reason.encode()
+    except UnicodeEncodeError:
+        return None, "field 'reason' must be valid Unicode"
     return decision, None
 
 
@@ -592,7 +596,10 @@ async def refund_decision(request: Request) -> JSONResponse:
     order_id = request.path_params["order_id"]
     if not _ORDER_ID.fullmatch(order_id):
         return error(404, f"no refund is pending for order {order_id!r}")
-    body = await read_body(request)
+    try:
+        body = await read_body(request)
+    except ClientDisconnect:
+        return error(400, "the client disconnected before the body arrived")
     if body is None:
         return error(413, f"body is over {MAX_BODY // 1024} KiB")
     decision, problem = validate_decision(body)
@@ -623,7 +630,10 @@ async def refund_decision(request: Request) -> JSONResponse:
 
 async def recorded_decision(refund_id: str) -> Any:
     """The decision the refund received, as journaled (None: none yet, or it timed out)."""
-    status = await (await dur.get(refund_id)).status()
+    try:
+        status = await (await dur.get(refund_id)).status()
+    except NotFound:
+        return None
     return next((step.result for step in status.steps
                  if step.name == "ctx.receive:decision" and step.state == "done"), None)
 

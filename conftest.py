@@ -172,7 +172,7 @@ def is_postgres(db: Any) -> bool:
 def _postgres_sql(sql: str) -> str:
     """A test's SQLite query as the PostgreSQL store names its tables."""
     sql = re.sub(r"\b(workflows|steps|owners|messages)\b(?!\()", r"durable_\1", sql)
-    return sql.replace("?", "%s")
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 def _rows(db: Any, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:

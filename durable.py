@@ -1771,10 +1771,12 @@ def _cancel(journal: _Journal, workflow_id: str) -> list[str]:
     error = _dumps({"type": "WorkflowCancelled", "message": "cancelled by request"})
     if not journal.cancel(workflow_id, error, time.time()):
         return []
-    cancelled = [workflow_id]
-    for child, state in journal.children(workflow_id):
-        if state in _UNFINISHED:
-            cancelled += _cancel(journal, child)
+    cancelled, parents = [workflow_id], [workflow_id]
+    while parents:  # a work list, not recursion: a chain of children may be long
+        for child, state in journal.children(parents.pop()):
+            if state in _UNFINISHED and journal.cancel(child, error, time.time()):
+                cancelled.append(child)
+                parents.append(child)
     return cancelled
 
 
@@ -1791,7 +1793,8 @@ def _send(journal: _Journal, workflow_id: str, name: str, text: str) -> bool:
     if journal.send(workflow_id, name, text, time.time()):
         return True
     known = journal.message(workflow_id, name)
-    if known is not None and _loads(known, workflow_id) == _loads(text):
+    if known is not None and _dumps(_loads(known, workflow_id), canonical=True) \
+            == _dumps(_loads(text), canonical=True):  # the same JSON: 1 is not true
         return False
     raise IdempotencyConflict(
         f"workflow {workflow_id!r} already has another value under {name!r} (one value "
@@ -2056,7 +2059,8 @@ class _ChildInsert(_Insert):
 
     def __call__(self, journal: _Journal) -> tuple[bool, str, str | None]:
         answer = super().__call__(journal)
-        journal.adopt(self.id, self.parent)
+        if answer[0]:  # made here: a workflow that existed before is no child of this one
+            journal.adopt(self.id, self.parent)
         return answer
 
 
@@ -2311,7 +2315,7 @@ class _Run:
         self.inflight: list[asyncio.Future[Any]] = []  # deferred writes already queued
         self.flush_due = False
         self.naps: set[asyncio.Future[None]] = set()
-        self.expecting: dict[str, asyncio.Future[None]] = {}
+        self.expecting: dict[str, set[asyncio.Future[None]]] = {}
         self.mail: dict[str, str] = {}
         self.fanout = 0  # ctx.all calls under way: their calls run side by side
         self.waiters: list[asyncio.Future[None]] = []  # result() calls waiting here
@@ -2326,8 +2330,9 @@ class _Run:
     def fenced(self) -> bool:
         return isinstance(self.stop, _Fenced)
 
-    def halt(self, reason: _Interrupted) -> None:
-        """Stop the workflow at its next step, checkpoint or wake-up (cancel, close)."""
+    def halt(self, reason: BaseException) -> None:
+        """Stop the workflow at its next step, checkpoint or wake-up (cancel, close, or
+        a call that no longer matches the journal: its siblings in a ctx.all stop)."""
         self.stop = reason
         for future in (*self.naps, *self.waiters):
             _wake(future)
@@ -2349,7 +2354,7 @@ class _Run:
             napping: asyncio.Future[None] = loop.create_future()
             self.naps.add(napping)
             if expecting is not None:
-                self.expecting[expecting] = napping
+                self.expecting.setdefault(expecting, set()).add(napping)
             timer = loop.call_later(seconds, _wake, napping)
             if until is not None:
                 until.add_done_callback(lambda _: _wake(napping))
@@ -2358,10 +2363,14 @@ class _Run:
             finally:
                 timer.cancel()
                 self.naps.discard(napping)
-                if expecting is not None and self.expecting.get(expecting) is napping:
-                    del self.expecting[expecting]
-        if isinstance(self.stop, _Interrupted):
+                if expecting is not None:
+                    self.expecting[expecting].discard(napping)
+                    if not self.expecting[expecting]:
+                        del self.expecting[expecting]
+        if self.stop is not None:  # whatever stopped it: a waiting loop must not spin
             raise self.stop
+        if self.durable._closing:
+            self.check_writable()
 
     def check_writable(self) -> None:
         if isinstance(self.stop, _Interrupted):
@@ -2475,13 +2484,14 @@ def _next(run: _Run, call: _StepCall | _SleepCall | _ReceiveCall | _ChildCall
     run.seq += 1
     recorded = run.journal.pop(run.seq, None)
     if recorded is not None and recorded.name != call.name:
-        run.stop = NonDeterminismError(
+        changed = NonDeterminismError(
             f"workflow {run.id!r} step {run.seq} is {call.name!r} in the code but "
             f"{recorded.name!r} in the journal: the code changed under a running "
             "workflow. Deploy new steps under a new workflow name, or let in-flight "
             "workflows finish first."
         )
-        raise run.stop
+        run.halt(changed)  # siblings waiting in a ctx.all stop too
+        raise changed
     return run.seq, recorded
 
 
@@ -2908,8 +2918,15 @@ async def _receive(run: _Run, call: _ReceiveCall) -> Any:
                           None, None, since, since, None)])
     text = await run.durable._query(lambda journal: journal.message(run.id, call.message))
     while text is None:
+        text = run.mail.get(call.message)  # handed over here meanwhile
+        if text is not None:
+            break
         left = _FOREVER if until is None else until - time.time()
-        if left <= 0:
+        if left <= 0:  # one last look: a value sent just before the deadline counts
+            text = await run.durable._query(
+                lambda journal: journal.message(run.id, call.message))
+            if text is not None:
+                break
             now, message = time.time(), (f"nothing was sent under {call.message!r} within "
                                          f"{call.timeout}s")
             run.defer((run.id, seq, call.name, "failed", 1, None,
@@ -2917,7 +2934,7 @@ async def _receive(run: _Run, call: _ReceiveCall) -> Any:
                        now, now))
             raise ReceiveTimeout(message)
         await run.nap(left, expecting=call.message)
-        text = run.mail.pop(call.message, None)
+        text = run.mail.get(call.message)
     now = time.time()
     run.defer((run.id, seq, call.name, "done", 1, text, None, None, since, now, now))
     return _loads(text, run.id)
@@ -2938,10 +2955,20 @@ async def _child(run: _Run, call: _ChildCall) -> Any:
     else:
         since, child_id = time.time(), call.id or f"{run.id}/{seq}"
         _check_id(child_id)
+        if child_id == run.id:
+            raise InvalidInput(f"workflow {run.id!r} cannot be its own child; give "
+                               "ctx.options(id=...) another id")
         await run.write([(run.id, seq, call.name, "running", 1, _dumps({"child": child_id}),
                           None, None, since, since, None)])
     durable = run.durable
-    await durable._start_child(child_id, call, run.id)
+    try:
+        await durable._start_child(child_id, call, run.id)
+    except IdempotencyConflict as exc:  # the id is another workflow's: the call fails
+        conflict = {"type": "IdempotencyConflict", "message": str(exc)}
+        now = time.time()
+        await run.write([(run.id, seq, call.name, "failed", 1, None, _dumps(conflict), None,
+                          since, now, now)])
+        raise StepFailed(call.name, conflict["type"], conflict["message"], 1) from None
     ended = asyncio.ensure_future(durable._wait(child_id))
     try:
         while not ended.done():
@@ -3888,9 +3915,10 @@ class Durable:
         sent = bool(await self._open_writer().submit(
             lambda journal: _send(journal, id, name, text)))
         run = self._runs.get(id)
-        if run is not None and name in run.expecting:
+        if run is not None:  # here: handed over at once, even before its receive waits
             run.mail[name] = text
-            _wake(run.expecting[name])
+            for waiting in run.expecting.get(name, ()):
+                _wake(waiting)
         return sent
 
     async def _poll_mail(self) -> None:
@@ -3915,9 +3943,9 @@ class Durable:
                 continue
             for wf_id, name, text in found:
                 run = waiting[wf_id, name]
-                if name in run.expecting:
-                    run.mail[name] = text
-                    _wake(run.expecting[name])
+                run.mail[name] = text
+                for napping in run.expecting.get(name, ()):
+                    _wake(napping)
 
     async def cancel(self, id: str) -> bool:
         """Cancel an unfinished workflow, in this process or another: no further step

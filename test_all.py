@@ -288,3 +288,56 @@ def test_two_receives_in_one_all_both_wake_when_their_values_come_later(
             return await handle.result(timeout=10)
 
     assert asyncio.run(main()) == [1, 2, None]
+
+
+def test_two_receives_of_one_name_in_an_all_both_get_the_value(db: Any) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx):
+        return (yield ctx.all(ctx.receive("x"), ctx.receive("x")))
+
+    async def main() -> Any:
+        async with dur:
+            handle = await dur.run("w", wf)
+            deadline = time.monotonic() + 10
+            while len((await handle.status()).steps) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            await dur.send("w", "x", "both")
+            return await handle.result(timeout=10)
+
+    assert asyncio.run(main()) == ["both", "both"]
+
+
+def test_a_changed_call_in_an_all_fails_the_workflow_and_stops_its_waiting_siblings(
+        db: Any) -> None:
+    from durable import WorkflowFailed
+
+    def build(step: Any) -> Durable:
+        dur = Durable(db)
+
+        @dur.register(name="wf")
+        def wf(ctx):
+            return (yield ctx.all(ctx.receive("x"), ctx.run(step)))
+
+        return dur
+
+    def before() -> str:
+        time.sleep(0.3)
+        return "old"
+
+    def renamed() -> str:
+        return "new"
+
+    async def main() -> Any:
+        async with build(before) as dur:
+            await dur.run("w", "wf")
+            await asyncio.sleep(0.1)
+        async with build(renamed) as dur:  # the code changed under a waiting workflow
+            with pytest.raises(WorkflowFailed) as failed:
+                await (await dur.get("w")).result(timeout=10)
+            return failed.value.error_type
+
+    assert asyncio.run(main()) == "NonDeterminismError"

@@ -241,3 +241,46 @@ def test_a_bad_child_is_refused_before_anything_is_written(db: Any, rows: Any) -
     assert asyncio.run(main()) == 5
     assert rows(db, "SELECT count(*) FROM steps") == [(0,)]
     assert rows(db, "SELECT id FROM workflows") == [("p",)]
+
+
+def test_a_long_chain_of_children_is_cancelled_whole_and_options_id_adopts_no_stranger(
+        db: Any, rows: Any) -> None:
+    dur = Durable(db)
+
+    @dur.register
+    def link(ctx, depth):
+        if depth == 0:
+            return (yield ctx.receive("never"))
+        return (yield ctx.options(id=f"chain-{depth - 1}").child(link, depth - 1))
+
+    @dur.register
+    def lone(ctx):
+        return (yield ctx.receive("never"))
+
+    @dur.register
+    def claims(ctx):
+        return (yield ctx.options(id="stranger").child(lone))
+
+    async def main() -> None:
+        async with dur:
+            await dur.run("chain-1100", link, 1100)
+            deadline = time.monotonic() + 60
+            while rows(db, "SELECT count(*) FROM steps WHERE name = 'ctx.receive:never'") \
+                    != [(1,)]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert await dur.cancel("chain-1100")
+            await dur.run("stranger", lone)  # started on its own
+            await dur.run("claimer", claims)
+            deadline = time.monotonic() + 10
+            while len((await (await dur.get("claimer")).status()).steps) < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert await dur.cancel("claimer")
+            assert not await (await dur.get("stranger")).done()
+
+    asyncio.run(main())
+    assert rows(db, "SELECT state, count(*) FROM workflows WHERE id LIKE 'chain-%' "
+                    "GROUP BY state") == [("cancelled", 1101)]
+    assert rows(db, "SELECT parent, state FROM workflows WHERE id = 'stranger'") == [
+        (None, "running")]

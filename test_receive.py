@@ -416,3 +416,32 @@ def test_a_journal_of_the_first_schema_gains_messages_and_parents(
     asyncio.run(touch())
     assert rows(db, "SELECT count(*) FROM messages") == [(0,)]
     assert rows(db, "SELECT count(parent) FROM workflows") == [(0,)]
+
+
+def test_values_that_differ_as_json_conflict_and_a_value_sent_just_before_the_deadline_counts(
+        db: Any) -> None:
+    # 1, true and 1.0 are three values; and a value another process sends before the
+    # deadline is received even when the twice-a-second look would come too late.
+    dur, other = Durable(db), Durable(db)
+
+    @dur.register
+    def wf(ctx):
+        first = yield ctx.receive("one")
+        try:
+            return [first, (yield ctx.receive("late", timeout=0.4))]
+        except ReceiveTimeout:
+            return [first, "timed out"]
+
+    async def main() -> Any:
+        async with dur, other:
+            handle = await dur.run("w", wf)
+            await dur.send("w", "one", 1)
+            for value in (True, 1.0):
+                with pytest.raises(IdempotencyConflict):
+                    await dur.send("w", "one", value)
+            await until(lambda: waiting(dur, "w"), "the second receive")
+            await asyncio.sleep(0.1)
+            assert await other.send("w", "late", "just in time")  # from elsewhere
+            return await handle.result(timeout=10)
+
+    assert asyncio.run(main()) == [1, "just in time"]
