@@ -2481,18 +2481,21 @@ def _next(run: _Run, call: _StepCall | _SleepCall | _ReceiveCall | _ChildCall
     if run.durable._closing:
         run.stop = _Interrupted("the journal is closing")
         raise run.stop
-    run.seq += 1
-    recorded = run.journal.pop(run.seq, None)
+    if call.place is None:
+        run.seq += 1
+        call.place = run.seq
+    seq = call.place
+    recorded = run.journal.pop(seq, None)
     if recorded is not None and recorded.name != call.name:
         changed = NonDeterminismError(
-            f"workflow {run.id!r} step {run.seq} is {call.name!r} in the code but "
+            f"workflow {run.id!r} step {seq} is {call.name!r} in the code but "
             f"{recorded.name!r} in the journal: the code changed under a running "
             "workflow. Deploy new steps under a new workflow name, or let in-flight "
             "workflows finish first."
         )
         run.halt(changed)  # siblings waiting in a ctx.all stop too
         raise changed
-    return run.seq, recorded
+    return seq, recorded
 
 
 def _open_step(run: _Run, call: _StepCall) -> _Step | _Replayed:
@@ -3001,9 +3004,21 @@ async def _all(run: _Run, call: _AllCall) -> list[Any]:
         except BaseException as exc:  # kept for its turn: the first in argument order
             return False, exc
 
+    def place(calls: tuple[_Call, ...]) -> None:
+        # Positions in program order, nested alls depth-first, before any call starts:
+        # not left to the order in which the event loop happens to start their tasks.
+        for one in calls:
+            if isinstance(one, _AllCall):
+                place(one.calls)
+            elif one.place is None:
+                run.seq += 1
+                one.place = run.seq
+
+    if call.place is None:  # the outermost all of a nest places them all
+        call.place = 0
+        place(call.calls)
     run.fanout += 1
     try:
-        # Tasks start in the order made, and each takes its place before it awaits.
         outcomes = await asyncio.gather(*(settle(one) for one in call.calls))
     finally:
         run.fanout -= 1
@@ -3090,10 +3105,11 @@ async def _drive(run: _Run, gen: Generator[Any, Any, Any],
 class _Call:
     """A call about to run: yield it (generator workflow) or await it (async one)."""
 
-    __slots__ = ("run",)
+    __slots__ = ("place", "run")
 
     def __init__(self, run: _Run) -> None:
         self.run = run
+        self.place: int | None = None  # its journal position, given ahead by a ctx.all
 
     def __await__(self) -> Generator[Any, None, Any]:
         return _execute(self.run, self).__await__()
@@ -3152,6 +3168,12 @@ class _AllCall(_Call):
                 raise InvalidInput(f"ctx.all() takes calls made by this workflow's ctx "
                                    f"(ctx.run, ctx.sleep, ctx.receive, ctx.child, ctx.all), "
                                    f"not {one!r}")
+            if one.place is not None:
+                raise InvalidInput("ctx.all() was given a call that ran already; make a "
+                                   "new one (each call runs once)")
+        if len({id(one) for one in calls}) < len(calls):
+            raise InvalidInput("ctx.all() was given the same call twice; make one call "
+                               "for each run")
         super().__init__(run)
         self.calls = calls
 

@@ -341,3 +341,30 @@ def test_a_changed_call_in_an_all_fails_the_workflow_and_stops_its_waiting_sibli
             return failed.value.error_type
 
     assert asyncio.run(main()) == "NonDeterminismError"
+
+
+def test_nested_alls_take_their_places_in_program_order(db: Any) -> None:
+    # Depth-first, as written: not in whatever order the event loop starts tasks.
+    dur = Durable(db)
+
+    @dur.register
+    def wf(ctx):
+        yield ctx.all(ctx.run(str, "a"), ctx.all(ctx.run(str, "b"), ctx.all(ctx.run(str, "c"))),
+                      ctx.sleep(0), ctx.run(str, "d"))
+        twice = ctx.run(str, "e")
+        for bad in ((twice, twice), ()):
+            try:
+                yield ctx.all(*bad) if bad else ctx.all(ctx.run(str, "f"), twice)
+            except InvalidInput as exc:
+                return str(exc).split(";")[0]
+
+    async def main() -> Any:
+        async with dur:
+            handle = await dur.run("w", wf)
+            return await handle.result(timeout=10), await handle.status()
+
+    result, status = asyncio.run(main())
+    assert [(s.seq, s.name, s.result) for s in status.steps] == [
+        (1, "str", "a"), (2, "str", "b"), (3, "str", "c"), (4, "ctx.sleep", status.steps[3].result),
+        (5, "str", "d")]
+    assert result == "ctx.all() was given the same call twice"
