@@ -3556,6 +3556,9 @@ class Durable:
                        if not run.threads and not run.steps_due], *self._background]:
             if task is not None:
                 task.cancel()
+        for run in self._runs.values():  # kept for a step thread: its waits end now
+            for napping in run.naps:
+                _wake(napping)
         if self._runs:
             await asyncio.wait([run.task for run in self._runs.values() if run.task],
                                timeout=grace)

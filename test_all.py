@@ -368,3 +368,30 @@ def test_nested_alls_take_their_places_in_program_order(db: Any) -> None:
         (1, "str", "a"), (2, "str", "b"), (3, "str", "c"), (4, "ctx.sleep", status.steps[3].result),
         (5, "str", "d")]
     assert result == "ctx.all() was given the same call twice"
+
+
+def test_close_waits_for_a_running_step_of_an_all_not_for_its_waiting_sibling(
+        db: Any) -> None:
+    ran: list[str] = []
+    dur = Durable(db)
+
+    def slow() -> str:
+        time.sleep(0.3)
+        ran.append("slow")
+        return "slow"
+
+    @dur.register
+    def wf(ctx):
+        return (yield ctx.all(ctx.run(slow), ctx.receive("never")))
+
+    async def main() -> float:
+        async with dur:
+            await dur.run("w", wf)
+            await asyncio.sleep(0.1)
+            began = time.monotonic()
+            await dur.close(grace=5)
+            return time.monotonic() - began
+
+    took = asyncio.run(main())
+    assert ran == ["slow"]
+    assert took < 2.5  # the step's 0.3 s, not the whole grace
