@@ -76,6 +76,7 @@ import contextvars
 import dataclasses
 import functools
 import hashlib
+import importlib
 import inspect
 import itertools
 import json
@@ -1194,8 +1195,8 @@ class _PostgresJournal:
         """Connect, refuse a database whose journal is newer than this code, and create
         or migrate the tables (with create=False, a database with none is refused).
         `clock` is unused: leases are measured on the server's clock."""
-        try:
-            import psycopg
+        try:  # by name, here only: durable.py itself needs nothing outside the stdlib
+            psycopg: Any = importlib.import_module("psycopg")
         except ImportError:
             raise JournalError(
                 'a postgresql:// journal needs psycopg 3: pip install "psycopg[binary]"'
