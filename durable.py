@@ -1945,7 +1945,7 @@ class _Writer:
                     op.failed(error)
             return [(False, error)] * len(ops)
 
-    def _all(self, write: Callable[[_Journal, list[Any]], list[tuple[bool, Any]]],
+    def _together(self, write: Callable[[_Journal, list[Any]], list[tuple[bool, Any]]],
              ops: list[Any]) -> list[tuple[bool, Any]]:
         """`write(journal, ops)`: several writes of one kind together."""
         try:
@@ -1966,12 +1966,12 @@ class _Writer:
             checkpoints = [op for op in ops if isinstance(op, _Checkpoint)]
             together: dict[int, tuple[bool, Any]] = {}
             if len(inserts) > 1:
-                together.update(zip(map(id, inserts), self._all(_Insert.all, inserts),
+                together.update(zip(map(id, inserts), self._together(_Insert.all, inserts),
                                     strict=True))
             for op in ops:
                 if len(checkpoints) > 1 and op is checkpoints[0]:
                     together.update(zip(map(id, checkpoints),
-                                        self._all(_Checkpoint.all, checkpoints), strict=True))
+                                        self._together(_Checkpoint.all, checkpoints), strict=True))
                 if id(op) in together:
                     outcomes.append(together.pop(id(op)))
                     continue
